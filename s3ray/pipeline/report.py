@@ -1,0 +1,179 @@
+"""The run report: report.md for people, report.json for programs, report.png for the eye.
+
+Built only from the manifest, so `s3ray report RUN_DIR` can rebuild it at any time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from s3ray.pipeline.rundir import RunDir
+
+
+def _metric_name(task_type: str) -> str:
+    return "f1" if task_type == "extractive_qa" else "accuracy"
+
+
+def _fmt(x, pct=True) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.2f}" if pct else str(x)
+
+
+def build_report(run: RunDir) -> dict:
+    cfg = run.manifest["config"]
+    steps = run.steps()
+    metric = _metric_name(cfg["task"]["type"])
+    rounds_n = cfg["synthesis"]["rounds"]
+
+    def res(step):
+        return steps.get(step, {}).get("result")
+
+    per_round = []
+    total_rows = 0
+    for r in range(rounds_n + 1):
+        syn = res(f"round{r}/synthesis") or {}
+        stats = syn.get("stats", {})
+        total_rows += syn.get("rows", 0)
+        tr = res(f"round{r}/train") or {}
+        mine = res(f"round{r}/mine") or {}
+        tokens = stats.get("prompt_tokens", 0) + stats.get("output_tokens", 0)
+        if r == 0 and res("rationales"):
+            tokens += sum(res("rationales")["stats"].get(k, 0) for k in ("prompt_tokens", "output_tokens"))
+        per_round.append({
+            "round": r,
+            "new_rows": syn.get("rows"),
+            "total_rows": total_rows if syn else None,
+            "train_rows": tr.get("n_train"),
+            "best_epoch": tr.get("best_epoch"),
+            "val": (tr.get("val") or {}).get(metric),
+            "test": (tr.get("test") or {}).get(metric),
+            "errors_mined": mine.get("n_errors"),
+            "teacher_tokens": tokens,
+            "teacher_output_tokens": stats.get("output_tokens", 0),
+        })
+
+    last = per_round[-1]
+    eq = res("baseline/equal_budget/train")
+    real = res("baseline/real_validation/train")
+    comparison = [
+        {"method": "seed only (round 0, ZeroGen-style)", "train_rows": per_round[0]["train_rows"],
+         "val": per_round[0]["val"], "test": per_round[0]["test"]},
+        {"method": "seed only, equal budget", "train_rows": eq and eq["n_train"],
+         "val": eq and eq["val"].get(metric), "test": eq and (eq.get("test") or {}).get(metric)},
+        {"method": f"S3 after {rounds_n} round(s)", "train_rows": last["train_rows"], "val": last["val"],
+         "test": last["test"]},
+        {"method": "real validation rows only", "train_rows": real and real["n_train"],
+         "val": real and real["val"].get(metric), "test": real and (real.get("test") or {}).get(metric),
+         "note": real and f"epoch picked on {real.get('holdout_rows')} held-out validation rows"},
+    ]
+
+    generation = []
+    for name, step in steps.items():
+        stats = (step["result"] or {}).get("stats") if isinstance(step.get("result"), dict) else None
+        if stats:
+            generation.append({"step": name, **stats})
+    timings = [{"step": name, "seconds": s["seconds"]} for name, s in steps.items()]
+    return {
+        "run": cfg["run"]["name"],
+        "task": cfg["task"]["type"],
+        "metric": metric,
+        "teacher": cfg["teacher"]["model"],
+        "teacher_engine": cfg["teacher"]["engine"],
+        "student": cfg["student"]["model"],
+        "comparison": comparison,
+        "rounds": per_round,
+        "generation": generation,
+        "timings": timings,
+        "total_seconds": round(sum(t["seconds"] for t in timings), 1),
+        "complete": steps.get(f"round{rounds_n}/train") is not None,
+    }
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
+    rounds = [r["round"] for r in report["rounds"] if r["val"] is not None]
+    for key, style in (("val", "o-"), ("test", "s-")):
+        ys = [100 * r[key] for r in report["rounds"] if r["val"] is not None and r[key] is not None]
+        if ys:
+            ax1.plot(rounds[: len(ys)], ys, style, label=f"S3 {key}")
+    colors = {"seed only, equal budget": "tab:red", "real validation rows only": "tab:green"}
+    for row in report["comparison"]:
+        if row["method"] in colors and row["test"] is not None:
+            ax1.axhline(100 * row["test"], ls="--", color=colors[row["method"]], label=f"{row['method']} (test)")
+    ax1.set_xlabel("round (0 = seed only)")
+    ax1.set_ylabel(f"{report['metric']} (%)")
+    ax1.set_xticks(rounds or [0])
+    ax1.set_title("Student accuracy per round")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    names = [t["step"] for t in report["timings"]]
+    ax2.barh(names, [t["seconds"] for t in report["timings"]], color="tab:blue")
+    ax2.invert_yaxis()
+    ax2.set_xlabel("seconds")
+    ax2.set_title("Time per step")
+    ax2.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(rep: dict) -> str:
+    m = rep["metric"]
+    lines = [
+        f"# s3ray run report: {rep['run']}",
+        "",
+        f"Task **{rep['task']}** · teacher **{rep['teacher']}** ({rep['teacher_engine']}) · student "
+        f"**{rep['student']}** · total step time {rep['total_seconds']:.0f} s"
+        + ("" if rep["complete"] else " · **run incomplete**"),
+        "",
+        "## Students compared (measured in this run)",
+        "",
+        f"| method | train rows | validation {m} | test {m} |",
+        "|---|---:|---:|---:|",
+    ]
+    for c in rep["comparison"]:
+        note = f" ({c['note']})" if c.get("note") else ""
+        lines.append(f"| {c['method']}{note} | {_fmt(c['train_rows'], False)} | {_fmt(c['val'])} | {_fmt(c['test'])} |")
+    lines += [
+        "",
+        "The validation set picks each S3 student's best epoch and supplies the errors, so its numbers are optimistic;"
+        " read the test column.",
+        "",
+        "## Rounds",
+        "",
+        f"| round | new rows | synthetic rows | best epoch | validation {m} | test {m} | errors mined | teacher tokens |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rep["rounds"]:
+        lines.append(
+            f"| {r['round']} | {_fmt(r['new_rows'], False)} | {_fmt(r['total_rows'], False)} | "
+            f"{_fmt(r['best_epoch'], False)} | {_fmt(r['val'])} | {_fmt(r['test'])} | "
+            f"{_fmt(r['errors_mined'], False)} | {r['teacher_tokens']:,} |"
+        )
+    lines += ["", "## Teacher output: generated, kept, dropped", "",
+              "| step | requested | kept | failed calls | dropped (reason: count) | from cache | tokens in / out |",
+              "|---|---:|---:|---:|---|---:|---|"]
+    for g in rep["generation"]:
+        dropped = ", ".join(f"{k}: {v}" for k, v in sorted(g["dropped"].items())) or "–"
+        lines.append(f"| {g['step']} | {g['requested']} | {g['kept']} | {g['failed_calls']} | {dropped} | "
+                     f"{g.get('cached', 0)} | {g['prompt_tokens']:,} / {g['output_tokens']:,} |")
+    lines += ["", "Rationale steps count replies kept; example steps count rows kept.", "",
+              "## Time per step", "", "| step | seconds |", "|---|---:|"]
+    lines += [f"| {t['step']} | {t['seconds']:.1f} |" for t in rep["timings"]]
+    lines += ["", "![accuracy and time](report.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(run: RunDir, cfg=None) -> dict:
+    rep = build_report(run)
+    (run.path / "report.json").write_text(json.dumps(rep, indent=2))
+    _plot(rep, run.path / "report.png")
+    (run.path / "report.md").write_text(_markdown(rep))
+    return rep

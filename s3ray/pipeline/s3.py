@@ -1,0 +1,261 @@
+"""The Synthesis Step by Step loop (METHOD.md), one function per step, each resumable.
+
+    rationales -> seed synthesis -> [train student -> test -> mine errors -> extrapolate errors] x R -> train
+
+then the baselines the report compares against: an equal-budget seed-only student and a student trained on
+the real validation rows alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from s3ray.config import S3Config
+from s3ray.data.load import card_labels, load_rows, split_holdout
+from s3ray.models import resolve_student, resolve_teacher
+from s3ray.pipeline.rundir import RunDir
+from s3ray.synthesis.collect import SynthesisStats, collect_examples, collect_rationales, rows_to_table
+from s3ray.synthesis.dedup import Deduplicator
+from s3ray.synthesis.plan import plan_ees, plan_rationales, plan_seed
+from s3ray.tasks import make_task
+
+log = logging.getLogger("s3ray")
+
+
+@dataclass
+class RunInputs:
+    """Everything checked before any expensive work starts."""
+
+    task: object
+    validation: list[dict]
+    test: list[dict] | None
+    contexts: list[dict] | None
+    teacher_path: str
+    student_path: str
+
+
+def prepare_inputs(cfg: S3Config, resolve_models: bool = True) -> RunInputs:
+    """Load and validate data and models; raises DataError/ModelNotFound/ConfigError with the fix."""
+    from s3ray.config import ConfigError
+
+    labels = cfg.task.labels
+    if cfg.task.type != "extractive_qa" and not labels:
+        labels = card_labels(cfg.data.validation)
+        if not labels:
+            raise ConfigError(
+                "task.labels is not set and no card.json with labels sits beside data.validation; "
+                "set task.labels: [label_a, label_b, ...]"
+            )
+    task = make_task(cfg.task, labels, cfg.synthesis)
+    seed = cfg.run.seed
+    val = load_rows(cfg.data.validation, task, "validation", cfg.task.field_map, cfg.data.validation_size, seed)
+    test = None
+    if cfg.data.test:
+        test = load_rows(cfg.data.test, task, "test", cfg.task.field_map, cfg.data.test_size, seed)
+    contexts = None
+    if task.context_fields:
+        contexts = val
+        if cfg.data.contexts:
+            contexts = load_rows(cfg.data.contexts, task, "contexts", cfg.task.field_map, None, seed)
+    teacher_path = student_path = ""
+    if resolve_models:
+        if cfg.teacher.engine != "openai":
+            teacher_path = resolve_teacher(cfg.teacher.model)
+        else:
+            teacher_path = cfg.teacher.model
+        student_path = resolve_student(cfg.student.model)
+    return RunInputs(task, val, test, contexts, teacher_path, student_path)
+
+
+class _LazyTeacher:
+    """Starts the teacher pool on first use: a resumed run whose synthesis is done never loads it."""
+
+    def __init__(self, cfg: S3Config, model_path: str, cache_path: Path):
+        self.cfg, self.model_path, self.cache_path = cfg, model_path, cache_path
+        self.pool = None
+
+    def generate(self, planned, desc):
+        if self.pool is None:
+            from s3ray.teacher.pool import TeacherPool
+
+            log.info("starting teacher: %s (%s, %d replica(s))", self.cfg.teacher.model, self.cfg.teacher.engine,
+                     self.cfg.teacher.replicas)
+            self.pool = TeacherPool(self.cfg.teacher, self.model_path, run_seed=self.cfg.run.seed,
+                                    cache_path=self.cache_path)
+        return self.pool.generate([p.request for p in planned], desc=desc)
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.teacher.model
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+
+def _timed(run: RunDir, step: str, fn):
+    """Run `fn` unless the manifest says `step` is done; record its result and time."""
+    if run.done(step):
+        log.info("[resume] %s already done, skipping", step)
+        return run.result(step)
+    log.info("== %s", step)
+    t0 = time.time()
+    result = fn()
+    return run.finish(step, result, time.time() - t0)
+
+
+def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None) -> dict:
+    """Run (or resume) the whole S3 loop and its baselines; returns the report dict."""
+    from s3ray.pipeline.report import write_report
+    from s3ray.runtime import init_ray, set_cache_dirs
+    from s3ray.student import evaluate_student, train_student
+    from s3ray.mining import mine_errors
+
+    inputs = inputs or prepare_inputs(cfg)
+    task, syn, seed = inputs.task, cfg.synthesis, cfg.run.seed
+    run = RunDir(cfg.run.output_dir, cfg.model_dump(mode="json"), resume)
+    set_cache_dirs(run.path / "cache")
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    teacher = _LazyTeacher(cfg, inputs.teacher_path, run.path / "teacher_cache.sqlite")
+
+    # Real data as Parquet: Ray Data streams validation inference from it.
+    val_path = run.write_parquet("data/validation.parquet", _real_table(inputs.validation))
+    if inputs.test:
+        run.write_parquet("data/test.parquet", _real_table(inputs.test))
+
+    def new_dedup(rows_so_far: list[dict]) -> Deduplicator:
+        d = Deduplicator(syn.near_duplicate_threshold)
+        d.protect(task.dedup_text(r) for r in inputs.validation + (inputs.test or []))
+        for r in rows_so_far:
+            d.add(task.dedup_text(r))
+        return d
+
+    def synthesize(planned, rows_so_far, rel: str, desc: str) -> dict:
+        results = teacher.generate(planned, desc)
+        rows, stats = collect_examples(planned, results, task, new_dedup(rows_so_far), teacher.model_name)
+        run.write_parquet(rel, rows_to_table(rows, task))
+        log.info("%s: kept %d of %d (%s)", desc, stats.kept, stats.requested, dict(stats.dropped) or "no drops")
+        return {"path": rel, "rows": len(rows), "stats": stats.to_dict()}
+
+    def train(rows, val_rows, name: str) -> dict:
+        res = train_student(rows, val_rows, task, cfg.student, inputs.student_path, run.path / "students" / name,
+                            seed=seed, desc=f"student {name}")
+        out = {"checkpoint": res.checkpoint, "best_epoch": res.best_epoch, "val": res.val_metrics,
+               "history": res.history, "n_train": res.n_train, "train_seconds": res.train_seconds}
+        if inputs.test:
+            out["test"] = evaluate_student(res.checkpoint, inputs.test, task, cfg.student)
+        return out
+
+    try:
+        # Step 1: rationales (classification by default; the paper skips them for pair/QA).
+        rationales: dict[str, list[str]] = {}
+        if cfg.uses_rationales and task.labels:
+            def _rationales():
+                planned = plan_rationales(task, syn.num_rationales, cfg.teacher.sampling, seed)
+                got, stats = collect_rationales(planned, teacher.generate(planned, "rationales"), task,
+                                                syn.num_rationales)
+                empty = [lab for lab, rs in got.items() if not rs]
+                if empty:
+                    log.warning("no usable rationales for labels %s: their seed prompts go without", empty)
+                return {"rationales": got, "stats": stats.to_dict()}
+            rationales = _timed(run, "rationales", _rationales)["rationales"]
+
+        # Step 2: seed synthesis.
+        def _seed():
+            planned = plan_seed(task, syn.seed_examples, rationales, syn.rationales_per_example,
+                                inputs.contexts, cfg.teacher.sampling, seed)
+            return synthesize(planned, [], "rounds/round_0.parquet", "seed synthesis")
+        _timed(run, "round0/synthesis", _seed)
+        round_files = ["rounds/round_0.parquet"]
+
+        # Steps 3-6: train, mine errors, extrapolate; R rounds.
+        for r in range(syn.rounds + 1):
+            rows = [row for f in round_files for row in run.read_parquet(f)]
+            if r < syn.rounds:
+                student = _timed(run, f"round{r}/train", lambda: train(rows, inputs.validation, f"round{r}"))
+
+                def _mine():
+                    res = mine_errors(student["checkpoint"], val_path, task, cfg.student, cfg.mining,
+                                      run.path / "mining" / f"round{r}")
+                    return {"errors_path": res.errors_path, "n_rows": res.n_rows, "n_errors": res.n_errors,
+                            "n_hard": res.n_hard, "metrics": res.metrics}
+                mined = _timed(run, f"round{r}/mine", _mine)
+
+                def _ees():
+                    import pyarrow.parquet as pq
+
+                    errors = pq.read_table(mined["errors_path"]).to_pylist()
+                    errors.sort(key=lambda e: str(e["id"]))  # stable order -> stable request ids
+                    if syn.max_ees_per_round:
+                        errors = errors[: syn.max_ees_per_round]
+                    planned = plan_ees(task, errors, syn.ees_per_error, r + 1, cfg.teacher.sampling, seed)
+                    return synthesize(planned, rows, f"rounds/round_{r + 1}.parquet", f"error extrapolation {r + 1}")
+                _timed(run, f"round{r + 1}/synthesis", _ees)
+                round_files.append(f"rounds/round_{r + 1}.parquet")
+            else:
+                final_rows = rows
+                run.write_parquet("final/train.parquet", rows_to_table(final_rows, task))
+                # Equal-budget baseline's extra seed rows are generated before the teacher is released.
+                if cfg.baselines.equal_budget:
+                    _timed(run, "baseline/equal_budget/synthesis",
+                           lambda: _extra_seed(cfg, task, run, teacher, rationales, inputs, new_dedup, len(final_rows)))
+                teacher.close()
+                _timed(run, f"round{r}/train", lambda: train(final_rows, inputs.validation, f"round{r}"))
+
+        if cfg.baselines.equal_budget:
+            def _eq():
+                eq_rows = run.read_parquet("rounds/round_0.parquet") + run.read_parquet("baseline/extra_seed.parquet")
+                target = run.result("baseline/equal_budget/synthesis")["target"]
+                return train(eq_rows[:target], inputs.validation, "equal_budget")
+            _timed(run, "baseline/equal_budget/train", _eq)
+        if cfg.baselines.real_validation:
+            def _real():
+                tr, hold = split_holdout(inputs.validation, cfg.baselines.real_holdout_fraction, seed)
+                out = train(tr, hold, "real_validation")
+                out["holdout_rows"] = len(hold)
+                return out
+            _timed(run, "baseline/real_validation/train", _real)
+    finally:
+        teacher.close()
+
+    return write_report(run, cfg)
+
+
+def _real_table(rows: list[dict]):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows)
+
+
+def _extra_seed(cfg, task, run, teacher, rationales, inputs, new_dedup, target: int) -> dict:
+    """More seed rows (same prompts, continued numbering) until seed + extra == the final S3 set size."""
+    syn = cfg.synthesis
+    seed_rows = run.read_parquet("rounds/round_0.parquet")
+    dedup = new_dedup(seed_rows)  # a seed-only run never saw the EES rows
+    have, extra, total = len(seed_rows), [], SynthesisStats()
+    start = syn.seed_examples
+    for _attempt in range(5):
+        need = target - have - len(extra)
+        if need <= 0:
+            break
+        keep_rate = max(0.2, (total.kept or run.result("round0/synthesis")["rows"]) /
+                        max(1, total.requested or syn.seed_examples))
+        n = math.ceil(need / keep_rate * 1.15) + 2
+        planned = plan_seed(task, n, rationales, syn.rationales_per_example, inputs.contexts,
+                            cfg.teacher.sampling, cfg.run.seed, start=start)
+        start += n
+        rows, stats = collect_examples(planned, teacher.generate(planned, "equal-budget seed"), task, dedup,
+                                       teacher.model_name)
+        total.add(stats)
+        extra.extend(rows)
+    extra = extra[: max(0, target - have)]
+    run.write_parquet("baseline/extra_seed.parquet", rows_to_table(extra, task))
+    if have + len(extra) < target:
+        log.warning("equal-budget baseline: only %d of %d seed rows after 5 attempts", have + len(extra), target)
+    return {"path": "baseline/extra_seed.parquet", "rows": len(extra), "target": min(target, have + len(extra)),
+            "stats": total.to_dict()}

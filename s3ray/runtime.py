@@ -1,0 +1,58 @@
+"""Process-wide setup: where caches go, and starting or joining Ray.
+
+Ray specifics stay here and in the pool/trainer modules so the algorithm reads like the paper.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("s3ray")
+
+
+def set_cache_dirs(root: str | Path) -> None:
+    """Keep vLLM's, torch's and DeepSpeed's caches under `root` unless the user chose otherwise."""
+    root = Path(root)
+    for var, sub in [
+        ("VLLM_CACHE_ROOT", "vllm"),
+        ("TORCH_EXTENSIONS_DIR", "torch_extensions"),
+        ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+        ("TRITON_CACHE_DIR", "triton"),
+    ]:
+        os.environ.setdefault(var, str(root / sub))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - a broken torch install is reported elsewhere
+        return False
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+    """Join `address` when given, else start a local cluster. Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in (
+        "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "S3RAY_CACHE", "HF_HUB_OFFLINE",
+        "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM",
+    ) if k in os.environ}
+    kwargs: dict = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, **kwargs)
+    else:
+        if temp_dir:
+            kwargs["_temp_dir"] = str(temp_dir)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        log.info("started a local Ray cluster: %s", ray.cluster_resources())

