@@ -53,7 +53,7 @@ def _cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     _setup_logging(Path(cfg.run.output_dir) / "run.log", args.verbose)
     inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
-    rep = run_s3(cfg, resume=args.resume, inputs=inputs)
+    rep = run_s3(cfg, resume=args.resume, inputs=inputs, stop_after=args.stop_after)
     out = Path(cfg.run.output_dir)
     print(f"\nreport: {out / 'report.md'}  (JSON: report.json, plot: report.png)")
     print(f"final synthetic dataset: {out / 'final' / 'train.parquet'}")
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(r)
     r.add_argument("--resume", action="store_true",
                    help="continue the run in run.output_dir from its last finished step (no regeneration)")
+    r.add_argument("--stop-after", metavar="STEP",
+                   help="pause after this step (a manifest step name, e.g. round0/train); --resume continues")
     r.set_defaults(fn=_cmd_run)
 
     v = sub.add_parser("validate", help="check a config, its data and models without generating anything")

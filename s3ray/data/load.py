@@ -139,11 +139,23 @@ def stratified_sample(rows: list[dict], size: int, seed: int, by: str | None = "
     groups: dict = defaultdict(list)
     for i, r in enumerate(rows):
         groups[r[by]].append(i)
-    picked = []
-    for _, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        share = max(1, round(size * len(members) / len(rows)))
-        picked.extend(rng.sample(members, min(share, len(members))))
-    picked = sorted(picked)[:size] if len(picked) > size else sorted(picked)
+    # Largest-remainder quotas: exactly `size` rows, each group at least one.
+    keys = sorted(groups, key=str)
+    exact = {k: size * len(groups[k]) / len(rows) for k in keys}
+    quota = {k: min(len(groups[k]), max(1, int(exact[k]))) for k in keys}
+    by_remainder = sorted(keys, key=lambda k: exact[k] - int(exact[k]), reverse=True)
+    while sum(quota.values()) < size:
+        grew = False
+        for k in by_remainder:
+            if sum(quota.values()) < size and quota[k] < len(groups[k]):
+                quota[k] += 1
+                grew = True
+        if not grew:
+            break
+    while sum(quota.values()) > size:
+        biggest = max(keys, key=lambda k: quota[k])
+        quota[biggest] -= 1
+    picked = sorted(i for k in keys for i in rng.sample(groups[k], quota[k]))
     return [rows[i] for i in picked]
 
 

@@ -41,7 +41,12 @@ class RunInputs:
 def prepare_inputs(cfg: S3Config, resolve_models: bool = True) -> RunInputs:
     """Load and validate data and models; raises DataError/ModelNotFound/ConfigError with the fix."""
     from s3ray.config import ConfigError
+    from s3ray.data.load import DataError
 
+    for name in ("validation", "test", "contexts"):
+        path = getattr(cfg.data, name)
+        if path and not Path(path).expanduser().exists():
+            raise DataError(f"data.{name}: {path} does not exist (paths are relative to where s3ray runs)")
     labels = cfg.task.labels
     if cfg.task.type != "extractive_qa" and not labels:
         labels = card_labels(cfg.data.validation)
@@ -98,19 +103,30 @@ class _LazyTeacher:
             self.pool = None
 
 
-def _timed(run: RunDir, step: str, fn):
+class StopRun(Exception):
+    """Raised after the step named by `stop_after` finished (a planned pause; resume continues)."""
+
+
+def _timed(run: RunDir, step: str, fn, stop_after: str | None = None):
     """Run `fn` unless the manifest says `step` is done; record its result and time."""
     if run.done(step):
         log.info("[resume] %s already done, skipping", step)
         return run.result(step)
     log.info("== %s", step)
     t0 = time.time()
-    result = fn()
-    return run.finish(step, result, time.time() - t0)
+    result = run.finish(step, fn(), time.time() - t0)
+    if stop_after == step:
+        raise StopRun(step)
+    return result
 
 
-def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None) -> dict:
-    """Run (or resume) the whole S3 loop and its baselines; returns the report dict."""
+def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
+           stop_after: str | None = None) -> dict:
+    """Run (or resume) the whole S3 loop and its baselines; returns the report dict.
+
+    `stop_after` names a step (as in manifest.json, e.g. "round1/synthesis") after which the run pauses;
+    `resume=True` continues it later.
+    """
     from s3ray.pipeline.report import write_report
     from s3ray.runtime import init_ray, set_cache_dirs
     from s3ray.student import evaluate_student, train_student
@@ -118,6 +134,10 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None)
 
     inputs = inputs or prepare_inputs(cfg)
     task, syn, seed = inputs.task, cfg.synthesis, cfg.run.seed
+
+    def step(name, fn):
+        return _timed(run, name, fn, stop_after)
+
     run = RunDir(cfg.run.output_dir, cfg.model_dump(mode="json"), resume)
     set_cache_dirs(run.path / "cache")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
@@ -138,6 +158,11 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None)
     def synthesize(planned, rows_so_far, rel: str, desc: str) -> dict:
         results = teacher.generate(planned, desc)
         rows, stats = collect_examples(planned, results, task, new_dedup(rows_so_far), teacher.model_name)
+        if not rows and rel.endswith("round_0.parquet"):
+            raise RuntimeError(
+                f"seed synthesis kept no rows out of {stats.requested} requests (dropped: {dict(stats.dropped)}, "
+                f"failed calls: {stats.failed_calls}); check the teacher model and prompts"
+            )
         run.write_parquet(rel, rows_to_table(rows, task))
         log.info("%s: kept %d of %d (%s)", desc, stats.kept, stats.requested, dict(stats.dropped) or "no drops")
         return {"path": rel, "rows": len(rows), "stats": stats.to_dict()}
@@ -163,28 +188,28 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None)
                 if empty:
                     log.warning("no usable rationales for labels %s: their seed prompts go without", empty)
                 return {"rationales": got, "stats": stats.to_dict()}
-            rationales = _timed(run, "rationales", _rationales)["rationales"]
+            rationales = step("rationales", _rationales)["rationales"]
 
         # Step 2: seed synthesis.
         def _seed():
             planned = plan_seed(task, syn.seed_examples, rationales, syn.rationales_per_example,
                                 inputs.contexts, cfg.teacher.sampling, seed)
             return synthesize(planned, [], "rounds/round_0.parquet", "seed synthesis")
-        _timed(run, "round0/synthesis", _seed)
+        step("round0/synthesis", _seed)
         round_files = ["rounds/round_0.parquet"]
 
         # Steps 3-6: train, mine errors, extrapolate; R rounds.
         for r in range(syn.rounds + 1):
             rows = [row for f in round_files for row in run.read_parquet(f)]
             if r < syn.rounds:
-                student = _timed(run, f"round{r}/train", lambda: train(rows, inputs.validation, f"round{r}"))
+                student = step(f"round{r}/train", lambda: train(rows, inputs.validation, f"round{r}"))
 
                 def _mine():
                     res = mine_errors(student["checkpoint"], val_path, task, cfg.student, cfg.mining,
                                       run.path / "mining" / f"round{r}")
                     return {"errors_path": res.errors_path, "n_rows": res.n_rows, "n_errors": res.n_errors,
                             "n_hard": res.n_hard, "metrics": res.metrics}
-                mined = _timed(run, f"round{r}/mine", _mine)
+                mined = step(f"round{r}/mine", _mine)
 
                 def _ees():
                     import pyarrow.parquet as pq
@@ -195,31 +220,33 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None)
                         errors = errors[: syn.max_ees_per_round]
                     planned = plan_ees(task, errors, syn.ees_per_error, r + 1, cfg.teacher.sampling, seed)
                     return synthesize(planned, rows, f"rounds/round_{r + 1}.parquet", f"error extrapolation {r + 1}")
-                _timed(run, f"round{r + 1}/synthesis", _ees)
+                step(f"round{r + 1}/synthesis", _ees)
                 round_files.append(f"rounds/round_{r + 1}.parquet")
             else:
                 final_rows = rows
                 run.write_parquet("final/train.parquet", rows_to_table(final_rows, task))
                 # Equal-budget baseline's extra seed rows are generated before the teacher is released.
                 if cfg.baselines.equal_budget:
-                    _timed(run, "baseline/equal_budget/synthesis",
+                    step("baseline/equal_budget/synthesis",
                            lambda: _extra_seed(cfg, task, run, teacher, rationales, inputs, new_dedup, len(final_rows)))
                 teacher.close()
-                _timed(run, f"round{r}/train", lambda: train(final_rows, inputs.validation, f"round{r}"))
+                step(f"round{r}/train", lambda: train(final_rows, inputs.validation, f"round{r}"))
 
         if cfg.baselines.equal_budget:
             def _eq():
                 eq_rows = run.read_parquet("rounds/round_0.parquet") + run.read_parquet("baseline/extra_seed.parquet")
                 target = run.result("baseline/equal_budget/synthesis")["target"]
                 return train(eq_rows[:target], inputs.validation, "equal_budget")
-            _timed(run, "baseline/equal_budget/train", _eq)
+            step("baseline/equal_budget/train", _eq)
         if cfg.baselines.real_validation:
             def _real():
                 tr, hold = split_holdout(inputs.validation, cfg.baselines.real_holdout_fraction, seed)
                 out = train(tr, hold, "real_validation")
                 out["holdout_rows"] = len(hold)
                 return out
-            _timed(run, "baseline/real_validation/train", _real)
+            step("baseline/real_validation/train", _real)
+    except StopRun as stop:
+        log.info("stopped after %s as asked; continue with --resume", stop)
     finally:
         teacher.close()
 

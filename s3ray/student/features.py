@@ -57,7 +57,7 @@ def qa_train_features(tokenizer, rows: list[dict], max_length: int) -> list[dict
         if ctx and offsets[ctx[0]][0] <= start_char and offsets[ctx[-1]][1] >= end_char:
             start_tok = next(t for t in ctx if offsets[t][1] > start_char)
             end_tok = next(t for t in reversed(ctx) if offsets[t][0] < end_char)
-        feat = {k: enc[k][i] for k in enc.keys() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
+        feat = {k: enc[k][i] for k in enc if k not in ("offset_mapping", "overflow_to_sample_mapping")}
         feat["start_positions"], feat["end_positions"] = start_tok, end_tok
         feats.append(feat)
     return feats

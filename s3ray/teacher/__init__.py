@@ -2,7 +2,7 @@
 
 from s3ray.teacher.types import GenerationRequest, GenerationResult, Sampling, derive_seed
 
-__all__ = ["GenerationRequest", "GenerationResult", "Sampling", "derive_seed", "TeacherPool", "make_engine"]
+__all__ = ["GenerationRequest", "GenerationResult", "Sampling", "TeacherPool", "derive_seed", "make_engine"]
 
 
 def __getattr__(name: str):

@@ -10,6 +10,7 @@ engine seed and no per-request seed, identical replicas return identical "random
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -43,7 +44,7 @@ class Engine:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         raise NotImplementedError
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Free the engine's memory/processes. Idempotent."""
 
 
@@ -70,30 +71,39 @@ class VLLMEngine(Engine):
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = _gib(cfg.kv_cache_space_gb)
         from vllm import LLM
 
-        kwargs: dict = dict(
-            model=model_path,
-            tokenizer=model_path,
-            dtype=cfg.dtype,
-            seed=engine_seed,
-            max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager,
-            trust_remote_code=cfg.trust_remote_code,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            pipeline_parallel_size=cfg.pipeline_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-        )
+        kwargs: dict = {
+            "model": model_path,
+            "tokenizer": model_path,
+            "dtype": cfg.dtype,
+            "seed": engine_seed,
+            "max_model_len": cfg.max_model_len,
+            "enforce_eager": cfg.enforce_eager,
+            "trust_remote_code": cfg.trust_remote_code,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "pipeline_parallel_size": cfg.pipeline_parallel_size,
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        }
         if distributed_executor_backend:
             kwargs["distributed_executor_backend"] = distributed_executor_backend
         self.cfg = cfg
         self.engine_seed = engine_seed
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self._cv = threading.Condition()
+        self._ids = itertools.count()
+        self._calls: list[tuple] = []  # (requests, results, waiting {internal id: index}, done event)
+        self._closed = False
+        self._broken: str | None = None
+        self._stepper = threading.Thread(target=self._step_loop, name="s3ray-vllm-step", daemon=True)
+        self._stepper.start()
 
     def _sampling_params(self, req: GenerationRequest):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         s = req.sampling
         return SamplingParams(
+            output_kind=RequestOutputKind.FINAL_ONLY,  # only the finished output is needed
             temperature=s.temperature,
             top_p=s.top_p,
             max_tokens=s.max_tokens,
@@ -103,55 +113,93 @@ class VLLMEngine(Engine):
         )
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Thread-safe: concurrent calls (the pool sends several small chunks per replica) join one
+        continuously batched engine loop, so small chunks cost no batch size."""
         results: list[GenerationResult | None] = [None] * len(requests)
-        prompts, params, idx = [], [], []
-        for i, req in enumerate(requests):
+        prepared = []
+        for i, req in enumerate(requests):  # render and tokenize outside the engine lock
             try:
                 ids = render_prompt_ids(self.tokenizer, req)
                 if len(ids) >= self.cfg.max_model_len:
-                    raise ValueError(
-                        f"prompt has {len(ids)} tokens, more than teacher.max_model_len={self.cfg.max_model_len}"
-                    )
-                prompts.append({"prompt_token_ids": ids})
-                params.append(self._sampling_params(req))
-                idx.append(i)
+                    raise ValueError(f"prompt has {len(ids)} tokens, more than "
+                                     f"teacher.max_model_len={self.cfg.max_model_len}")
+                prepared.append((i, {"prompt_token_ids": ids}, self._sampling_params(req)))
             except Exception as e:  # noqa: BLE001 - one bad request must not sink the batch
                 results[i] = GenerationResult(req.request_id, error=_error_text(e))
-        if prompts:
-            try:
-                outs = self.llm.generate(prompts, params, use_tqdm=False)
-            except Exception as e:  # noqa: BLE001
-                # Find the culprit(s): retry one by one so only the bad requests fail.
-                log.warning("vLLM batch failed (%s); retrying its %d requests one by one", e, len(prompts))
-                outs = []
-                for p, sp in zip(prompts, params):
-                    try:
-                        outs.append(self.llm.generate([p], [sp], use_tqdm=False)[0])
-                    except Exception as e1:  # noqa: BLE001
-                        outs.append(e1)
-            for i, out in zip(idx, outs):
-                rid = requests[i].request_id
-                if isinstance(out, BaseException):
-                    results[i] = GenerationResult(rid, error=_error_text(out))
-                    continue
-                c = out.outputs[0]
-                results[i] = GenerationResult(
-                    rid,
-                    text=c.text,
-                    finish_reason=c.finish_reason,
-                    prompt_tokens=len(out.prompt_token_ids or []),
-                    output_tokens=len(c.token_ids),
-                )
+        waiting: dict[str, int] = {}
+        done = threading.Event()
+        with self._cv:
+            if self._broken or self._closed:
+                raise RuntimeError(f"vLLM engine is not running: {self._broken or 'closed'}")
+            for i, prompt, params in prepared:
+                try:
+                    iid = str(next(self._ids))
+                    self.llm.llm_engine.add_request(iid, prompt, params)
+                    waiting[iid] = i
+                except Exception as e:  # noqa: BLE001
+                    results[i] = GenerationResult(requests[i].request_id, error=_error_text(e))
+            if waiting:
+                self._calls.append((requests, results, waiting, done))
+                self._cv.notify_all()
+            else:
+                done.set()
+        done.wait()
+        if any(r is None for r in results):
+            raise RuntimeError(f"vLLM engine stopped mid-call: {self._broken or 'closed'}")
         return results  # type: ignore[return-value]
 
+    def _step_loop(self) -> None:
+        """The one thread that steps the engine and hands finished outputs back to their callers."""
+        engine = self.llm.llm_engine
+        while True:
+            with self._cv:
+                while not self._calls and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                try:
+                    outs = engine.step()
+                except Exception as e:  # noqa: BLE001 - the engine is gone: wake every caller
+                    self._broken = _error_text(e)
+                    for *_, ev in self._calls:
+                        ev.set()
+                    self._calls.clear()
+                    return
+                for out in outs:
+                    if not out.finished:
+                        continue
+                    for call in self._calls:
+                        reqs, results, waiting, ev = call
+                        i = waiting.pop(out.request_id, None)
+                        if i is None:
+                            continue
+                        c = out.outputs[0]
+                        results[i] = GenerationResult(
+                            reqs[i].request_id,
+                            text=c.text,
+                            finish_reason=c.finish_reason,
+                            prompt_tokens=len(out.prompt_token_ids or []),
+                            output_tokens=len(c.token_ids),
+                        )
+                        if not waiting:
+                            ev.set()
+                        break
+                self._calls = [c for c in self._calls if c[2]]
+
     def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            for *_, ev in self._calls:  # wake callers still waiting; they raise "not running"
+                ev.set()
+            self._calls.clear()
+            self._cv.notify_all()
         llm = getattr(self, "llm", None)
         self.llm = None
         if llm is not None:
             try:
                 llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - best effort; the process exit cleans up too
-                pass
+            except Exception as e:  # noqa: BLE001 - best effort; the process exit cleans up too
+                log.debug("vLLM shutdown: %s", e)
             del llm
             import gc
 
@@ -203,7 +251,9 @@ class TransformersEngine(Engine):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = getattr(torch, cfg.dtype, None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"teacher.dtype={cfg.dtype!r} is not a torch dtype (use bfloat16, float16, float32)")
+            raise ValueError(  # noqa: TRY004 - a bad config value, not a bad type
+                f"teacher.dtype={cfg.dtype!r} is not a torch dtype (use bfloat16, float16 or float32)"
+            )
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
@@ -237,7 +287,7 @@ class TransformersEngine(Engine):
 
         texts = [render_prompt(self.tokenizer, r) for r in reqs]
         enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.device)
-        gen_kwargs: dict = dict(max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        gen_kwargs: dict = {"max_new_tokens": max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
         if temperature > 0:
             gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         else:
