@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,6 +28,7 @@ log = logging.getLogger("s3ray.mining")
 
 # Columns the predictor adds to every row.
 PREDICTION_COLUMNS = ("prediction", "margin", "correct")
+ROWS_PER_BLOCK_BATCHES = 4  # inference batches per block
 
 
 @dataclass
@@ -80,16 +80,6 @@ def _with_kind(batch: pa.Table, kind: str) -> pa.Table:
     return batch.append_column("kind", pa.array([kind] * batch.num_rows, pa.string()))
 
 
-def _score_qa(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """SQuAD exact match and F1 per row, next to the predictor's own columns."""
-    from s3ray.tasks.qa import exact_match, token_f1
-
-    preds, golds = batch["prediction"], batch["answer"]
-    batch["exact_match"] = np.array([exact_match(str(p), str(g)) for p, g in zip(preds, golds)], dtype=np.float64)
-    batch["f1"] = np.array([token_f1(str(p), str(g)) for p, g in zip(preds, golds)], dtype=np.float64)
-    return batch
-
-
 # --- metrics from aggregations -------------------------------------------------------------------------
 
 def macro_f1_from_counts(counts: dict[tuple[str, str], int], labels: list[str] | None) -> dict[str, float]:
@@ -109,19 +99,36 @@ def macro_f1_from_counts(counts: dict[tuple[str, str], int], labels: list[str] |
     return {"accuracy": correct / n, "macro_f1": sum(f1s) / len(f1s), "n": n}
 
 
-def _metrics(preds, task: Task) -> dict[str, float]:
-    if task.type == "extractive_qa":
-        from ray.data.aggregate import Count, Mean
+def _pair_key(batch: pa.Table) -> pa.Table:
+    """One "gold<SEP>prediction" string per row, for a distributed value count (the confusion table)."""
+    gold = pc.cast(batch["label"], pa.string())
+    pred = pc.cast(batch["prediction"], pa.string())
+    keys = pc.binary_join_element_wise(gold, pred, _SEP)
+    return pa.table({"pair": keys, "correct": batch["correct"]})
 
-        agg = preds.aggregate(Count(), Mean("exact_match"), Mean("f1"))
+
+_SEP = "\x1f"  # joins gold and prediction into one key; never part of a label name
+
+
+def _aggregate(preds, task: Task) -> tuple[int, int, dict[str, float]]:
+    """(rows, correct rows, task metrics) in one distributed pass over the predictions."""
+    from ray.data.aggregate import Count, Mean, Sum, ValueCounter
+
+    if task.type == "extractive_qa":
+        # The predictor's QA `correct` is SQuAD exact match and `f1` its token F1 (s3ray.tasks.qa).
+        agg = preds.aggregate(Count(), Sum("correct"), Mean("f1"))
         n = int(agg["count()"])
-        if n == 0:
-            return {"exact_match": float("nan"), "f1": float("nan"), "n": 0}
-        return {"exact_match": float(agg["mean(exact_match)"]), "f1": float(agg["mean(f1)"]), "n": n}
-    # At most labels x labels rows come back to the driver.
-    table = preds.groupby(["label", "prediction"]).count().take_all()
-    counts = {(str(r["label"]), str(r["prediction"])): int(r["count()"]) for r in table}
-    return macro_f1_from_counts(counts, task.labels)
+        metrics = {"exact_match": float("nan"), "f1": float("nan"), "n": 0} if n == 0 else {
+            "exact_match": int(agg["sum(correct)"] or 0) / n, "f1": float(agg["mean(f1)"]), "n": n}
+    else:
+        # Only labels x labels (key, count) pairs come back to the driver.
+        pairs = preds.map_batches(_pair_key, batch_format="pyarrow")
+        agg = pairs.aggregate(Count(), Sum("correct"), ValueCounter("pair", alias_name="confusion"))
+        n = int(agg["count()"])
+        conf = agg["confusion"] or {"values": [], "counts": []}
+        counts = {tuple(v.split(_SEP, 1)): int(c) for v, c in zip(conf["values"], conf["counts"])}
+        metrics = macro_f1_from_counts(counts, task.labels)
+    return n, int(agg["sum(correct)"] or 0), metrics
 
 
 # --- the pipeline --------------------------------------------------------------------------------------
@@ -164,7 +171,9 @@ def mine_errors(
         shutil.rmtree(d, ignore_errors=True)  # a re-run of a round replaces, never appends
 
     use_gpu = bool(student_cfg.use_gpu)
-    ds = read_rows(validation_path)
+    # Small blocks (a few batches each) so every inference actor gets work and writing overlaps inference,
+    # even when the whole set is one file; this re-blocking streams (no shuffle, no barrier).
+    ds = read_rows(validation_path).repartition(target_num_rows_per_block=ROWS_PER_BLOCK_BATCHES * mining_cfg.batch_size)
     ds = ds.map_batches(
         predictor_cls,
         fn_constructor_kwargs={
@@ -177,17 +186,20 @@ def mine_errors(
         concurrency=mining_cfg.concurrency,
         num_gpus=1 if use_gpu else None,
     )
-    if task.type == "extractive_qa":
-        ds = ds.map_batches(_score_qa, batch_format="numpy", batch_size=mining_cfg.batch_size)
     log.info("mining errors: %s over %s", checkpoint, validation_path)
     ds.write_parquet(str(pred_dir))  # streams: inference and writing overlap, block by block
 
     # From here on, everything reads the predictions back; inference is not repeated.
     preds = ray.data.read_parquet(str(pred_dir))
-    n_rows = preds.count()  # from Parquet metadata
     schema = preds.schema().base_schema
-    if "correct" not in schema.names:
-        raise RuntimeError(f"{predictor_cls.__name__} returned no 'correct' column (got {schema.names})")
+    needed = ["correct", "margin", "prediction"] + (["f1"] if task.type == "extractive_qa" else [])
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        gold = "answer" if task.type == "extractive_qa" else "label"
+        raise ValueError(
+            f"{predictor_cls.__name__} returned no {missing} columns (got {schema.names}); the validation "
+            f"rows need their gold column {gold!r}"
+        )
 
     errors = preds.map_batches(_keep, fn_kwargs={"correct": False}, batch_format="pyarrow")
     errors = errors.map_batches(_with_kind, fn_kwargs={"kind": "error"}, batch_format="pyarrow")
@@ -200,14 +212,13 @@ def mine_errors(
     errors.write_parquet(str(err_dir))
     _ensure_schema_file(err_dir, schema.append(pa.field("kind", pa.string())))
 
-    kinds = {r["kind"]: int(r["count()"]) for r in ray.data.read_parquet(str(err_dir)).groupby("kind").count().take_all()}
-    metrics = _metrics(preds, task)
+    n_rows, n_correct, metrics = _aggregate(preds, task)
     result = MiningResult(
         errors_path=str(err_dir),
         predictions_path=str(pred_dir),
-        n_rows=int(n_rows),
-        n_errors=kinds.get("error", 0),
-        n_hard=kinds.get("hard", 0),
+        n_rows=n_rows,
+        n_errors=n_rows - n_correct,
+        n_hard=min(mining_cfg.hard_examples, n_correct),
         metrics=metrics,
         seconds=time.perf_counter() - t0,
     )

@@ -90,7 +90,7 @@ class _LazyTeacher:
             log.info("starting teacher: %s (%s, %d replica(s))", self.cfg.teacher.model, self.cfg.teacher.engine,
                      self.cfg.teacher.replicas)
             self.pool = TeacherPool(self.cfg.teacher, self.model_path, run_seed=self.cfg.run.seed,
-                                    cache_path=self.cache_path)
+                                    cache_path=self.cache_path, model_name=self.cfg.teacher.model)
         return self.pool.generate([p.request for p in planned], desc=desc)
 
     @property

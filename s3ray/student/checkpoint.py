@@ -1,6 +1,7 @@
 """The student checkpoint format: a Hugging Face folder plus `s3ray_student.json`.
 
-finetune:        the fine-tuned AutoModelForSequenceClassification / AutoModelForQuestionAnswering + tokenizer.
+finetune:        the fine-tuned AutoModelForSequenceClassification or AutoModelForQuestionAnswering,
+                 plus its tokenizer.
 embedding_head:  the (frozen) encoder as a plain AutoModel + tokenizer + `head.safetensors` (linear head over
                  mean-pooled token embeddings). Never pickles: weights are safetensors, metadata is JSON.
 """
@@ -17,8 +18,16 @@ FORMAT = "s3ray-student"
 VERSION = 1
 
 
-def write_meta(folder: str | Path, *, kind: str, task_type: str, labels: list[str] | None, max_length: int,
-               base_model: str, **extra: Any) -> dict:
+def write_meta(
+    folder: str | Path,
+    *,
+    kind: str,
+    task_type: str,
+    labels: list[str] | None,
+    max_length: int,
+    base_model: str,
+    **extra: Any,
+) -> dict:
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -41,5 +50,7 @@ def read_meta(folder: str | Path) -> dict:
         )
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{path}: unsupported student checkpoint format {meta.get('format')} v{meta.get('version')}")
+        raise ValueError(
+            f"{path}: unsupported student checkpoint format {meta.get('format')} v{meta.get('version')}"
+        )
     return meta

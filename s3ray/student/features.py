@@ -21,14 +21,21 @@ def encode_texts(tokenizer, texts_a: list[str], texts_b: list[str | None] | None
         texts_b = None
     if texts_b is not None and any(b is None for b in texts_b):
         raise ValueError("a batch mixes single texts and text pairs; task.student_inputs must be consistent")
-    return tokenizer(list(texts_a), list(texts_b) if texts_b is not None else None,
-                     truncation=True, max_length=max_length, **kw)
+    return tokenizer(
+        list(texts_a),
+        list(texts_b) if texts_b is not None else None,
+        truncation=True,
+        max_length=max_length,
+        **kw,
+    )
 
 
 def encode_qa(tokenizer, questions: list[str], contexts: list[str], max_length: int, **kw):
     """Question + context windows; `overflow_to_sample_mapping` says which row each window came from."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("extractive QA needs a fast tokenizer (offset mappings); save the model with tokenizer.json")
+        raise ValueError(
+            "extractive QA needs a fast tokenizer (offset mappings); save the model with tokenizer.json"
+        )
     return tokenizer(
         [q.lstrip() for q in questions],  # leading spaces waste tokens and break some tokenizers' offsets
         list(contexts),
@@ -73,7 +80,7 @@ def check_qa_rows(rows: list[dict], where: str) -> list[dict]:
         if not ans or not r.get("question"):
             dropped += 1
             continue
-        if not isinstance(start, int) or ctx[start:start + len(ans)] != ans:
+        if not isinstance(start, int) or ctx[start : start + len(ans)] != ans:
             found = ctx.find(ans)
             if found < 0:
                 dropped += 1
@@ -82,8 +89,14 @@ def check_qa_rows(rows: list[dict], where: str) -> list[dict]:
             fixed += 1
         good.append(r)
     if fixed or dropped:
-        log.warning("%s: %d QA rows had a wrong answer_start (re-located), %d had no answer in the context "
-                    "(dropped)", where, fixed, dropped)
+        log.warning(
+            "%s: %d QA rows had a wrong answer_start (re-located), %d had no answer in the context (dropped)",
+            where,
+            fixed,
+            dropped,
+        )
     if not good:
-        raise ValueError(f"{where}: no usable QA rows (each needs question, context, and an answer inside it)")
+        raise ValueError(
+            f"{where}: no usable QA rows (each needs question, context, and an answer inside it)"
+        )
     return good

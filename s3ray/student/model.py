@@ -8,7 +8,9 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
-def build_finetune_model(model_path: str, task_type: str, labels: list[str] | None, trust_remote_code: bool = False):
+def build_finetune_model(
+    model_path: str, task_type: str, labels: list[str] | None, trust_remote_code: bool = False
+):
     """A pretrained encoder with a fresh task head (classification/pair: labels; extractive_qa: spans)."""
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 

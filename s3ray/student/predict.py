@@ -19,8 +19,16 @@ def _to(batch, device) -> dict:
 
 
 @torch.no_grad()
-def classify_probs(model, tokenizer, texts_a: list[str], texts_b: list[str | None] | None, max_length: int,
-                   batch_size: int, device, progress: bool = False) -> np.ndarray:
+def classify_probs(
+    model,
+    tokenizer,
+    texts_a: list[str],
+    texts_b: list[str | None] | None,
+    max_length: int,
+    batch_size: int,
+    device,
+    progress: bool = False,
+) -> np.ndarray:
     """Class probabilities (n x labels), one forward pass per `batch_size` rows. Rows are sorted by length
     first so batches pad little; the output is in input order."""
     n = len(texts_a)
@@ -29,9 +37,15 @@ def classify_probs(model, tokenizer, texts_a: list[str], texts_b: list[str | Non
     out = np.zeros((n, 0), dtype=np.float32)
     chunks = []
     for s in tqdm(range(0, n, batch_size), disable=not progress, desc="predict", leave=False):
-        idx = order[s:s + batch_size]
-        enc = encode_texts(tokenizer, [texts_a[i] for i in idx], [texts_b[i] for i in idx] if texts_b else None,
-                           max_length, padding=True, return_tensors="pt")
+        idx = order[s : s + batch_size]
+        enc = encode_texts(
+            tokenizer,
+            [texts_a[i] for i in idx],
+            [texts_b[i] for i in idx] if texts_b else None,
+            max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         logits = model(**_to(enc, device)).logits.float()
         chunks.append(torch.softmax(logits, -1).cpu().numpy())
     if chunks:
@@ -41,15 +55,23 @@ def classify_probs(model, tokenizer, texts_a: list[str], texts_b: list[str | Non
 
 
 @torch.no_grad()
-def qa_predict(model, tokenizer, questions: list[str], contexts: list[str], max_length: int, batch_size: int,
-               device, progress: bool = False) -> tuple[list[str], np.ndarray]:
+def qa_predict(
+    model,
+    tokenizer,
+    questions: list[str],
+    contexts: list[str],
+    max_length: int,
+    batch_size: int,
+    device,
+    progress: bool = False,
+) -> tuple[list[str], np.ndarray]:
     """Best answer span per row (text cut from the context by offsets) and its probability
     p_start * p_end. One forward pass per `batch_size` rows, whatever the number of context windows, so
     every data-parallel rank runs the same number of passes (ZeRO-3 needs that)."""
     answers: list[str] = []
     margins: list[float] = []
     for s in tqdm(range(0, len(questions), batch_size), disable=not progress, desc="predict", leave=False):
-        qs, cs = questions[s:s + batch_size], contexts[s:s + batch_size]
+        qs, cs = questions[s : s + batch_size], contexts[s : s + batch_size]
         enc = encode_qa(tokenizer, qs, cs, max_length, padding=True, return_tensors="pt")
         sample_map = enc.pop("overflow_to_sample_mapping").tolist()
         offsets = enc.pop("offset_mapping").tolist()
@@ -80,7 +102,7 @@ def qa_predict(model, tokenizer, questions: list[str], contexts: list[str], max_
                 margins.append(0.0)
                 continue
             si, ei = divmod(int(flat[f]), length)
-            answers.append(cs[r][offsets[f][si][0]:offsets[f][ei][1]])
+            answers.append(cs[r][offsets[f][si][0] : offsets[f][ei][1]])
             margins.append(float(p_start[f, si] * p_end[f, ei]))
     return answers, np.asarray(margins, dtype=np.float32)
 
@@ -144,13 +166,28 @@ class StudentPredictor:
     def predict_rows(self, rows: list[dict], progress: bool = False) -> tuple[list[str], np.ndarray]:
         """(predictions, margins) for row dicts."""
         if self.task_type == "extractive_qa":
-            return qa_predict(self.model, self.tokenizer, [r["question"] for r in rows],
-                              [r["context"] for r in rows], self.max_length, self.batch_size, self.device, progress)
+            return qa_predict(
+                self.model,
+                self.tokenizer,
+                [r["question"] for r in rows],
+                [r["context"] for r in rows],
+                self.max_length,
+                self.batch_size,
+                self.device,
+                progress,
+            )
         inputs = [self.task.student_inputs(r) for r in rows]
         texts_b = [b for _, b in inputs]
-        probs = classify_probs(self.model, self.tokenizer, [a for a, _ in inputs],
-                               None if all(b is None for b in texts_b) else texts_b,
-                               self.max_length, self.batch_size, self.device, progress)
+        probs = classify_probs(
+            self.model,
+            self.tokenizer,
+            [a for a, _ in inputs],
+            None if all(b is None for b in texts_b) else texts_b,
+            self.max_length,
+            self.batch_size,
+            self.device,
+            progress,
+        )
         labels = self.meta["labels"]
         return [labels[i] for i in probs.argmax(1)], top2_margin(probs)
 

@@ -65,8 +65,10 @@ def check_rows(rows: list[dict], task: Task, where: str) -> list[dict]:
         return check_qa_rows(rows, where)
     bad = [(r.get("id", i), p) for i, r in enumerate(rows) if (p := task.validate_row(r))]
     if bad:
-        raise ValueError(f"{where}: {len(bad)} of {len(rows)} rows don't fit the {task.type} task, "
-                         f"e.g. row {bad[0][0]}: {bad[0][1]}")
+        raise ValueError(
+            f"{where}: {len(bad)} of {len(rows)} rows don't fit the {task.type} task, "
+            f"e.g. row {bad[0][0]}: {bad[0][1]}"
+        )
     return rows
 
 
@@ -114,8 +116,15 @@ def autocast_for(cfg: StudentConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def run_epoch(model, loader, step: Callable[[torch.Tensor], None], device, cfg: StudentConfig,
-              progress: bool = False, desc: str = "train") -> tuple[float, int]:
+def run_epoch(
+    model,
+    loader,
+    step: Callable[[torch.Tensor], None],
+    device,
+    cfg: StudentConfig,
+    progress: bool = False,
+    desc: str = "train",
+) -> tuple[float, int]:
     """One pass over `loader`: forward (under autocast when asked), then `step(loss)`. Returns (mean loss,
     samples seen). Shared by the Ray Train workers and the plain-PyTorch benchmark loop."""
     from tqdm.auto import tqdm
@@ -133,17 +142,32 @@ def run_epoch(model, loader, step: Callable[[torch.Tensor], None], device, cfg: 
     return total / max(batches, 1), seen
 
 
-def predict_for_metrics(model, tokenizer, rows: list[dict], task: Task, max_length: int, batch_size: int,
-                        device) -> list[str]:
+def predict_for_metrics(
+    model, tokenizer, rows: list[dict], task: Task, max_length: int, batch_size: int, device
+) -> list[str]:
     """Predicted label names (QA: answer texts) for rows, as `task.metrics` wants them."""
     if task.type == "extractive_qa":
-        answers, _ = qa_predict(model, tokenizer, [r["question"] for r in rows], [r["context"] for r in rows],
-                                max_length, batch_size, device)
+        answers, _ = qa_predict(
+            model,
+            tokenizer,
+            [r["question"] for r in rows],
+            [r["context"] for r in rows],
+            max_length,
+            batch_size,
+            device,
+        )
         return answers
     inputs = [task.student_inputs(r) for r in rows]
     texts_b = [b for _, b in inputs]
-    probs = classify_probs(model, tokenizer, [a for a, _ in inputs],
-                           None if all(b is None for b in texts_b) else texts_b, max_length, batch_size, device)
+    probs = classify_probs(
+        model,
+        tokenizer,
+        [a for a, _ in inputs],
+        None if all(b is None for b in texts_b) else texts_b,
+        max_length,
+        batch_size,
+        device,
+    )
     return [task.labels[i] for i in probs.argmax(1)]
 
 
@@ -153,7 +177,9 @@ def golds_of(rows: list[dict], task: Task) -> list[str]:
 
 def primary_value(metrics: dict, task: Task) -> float:
     if task.primary_metric not in metrics:
-        raise KeyError(f"task.metrics returned {sorted(metrics)}, without the primary metric {task.primary_metric!r}")
+        raise KeyError(
+            f"task.metrics returned {sorted(metrics)}, without the primary metric {task.primary_metric!r}"
+        )
     return float(metrics[task.primary_metric])
 
 
@@ -176,7 +202,9 @@ def _sharded_val(model, tokenizer, rows, task, max_length, batch_size, device, r
     per = math.ceil(len(rows) / world)
     mine = list(range(rank * per, min(len(rows), (rank + 1) * per)))
     padded = mine + [mine[-1] if mine else 0] * (per - len(mine))
-    preds = predict_for_metrics(model, tokenizer, [rows[i] for i in padded], task, max_length, batch_size, device)
+    preds = predict_for_metrics(
+        model, tokenizer, [rows[i] for i in padded], task, max_length, batch_size, device
+    )
     merged: dict[int, str] = {}
     for part in _gather(list(zip(mine, preds[: len(mine)])), world):
         merged.update(part)
@@ -185,6 +213,7 @@ def _sharded_val(model, tokenizer, rows, task, max_length, batch_size, device, r
 
 def _train_loop(config: dict) -> None:
     """Runs in every Ray Train worker."""
+    t_enter = time.time()
     import ray
     import ray.train
     import torch.distributed as dist
@@ -224,7 +253,9 @@ def _train_loop(config: dict) -> None:
             "fp16": {"enabled": cfg.mixed_precision == "fp16"},
             "steps_per_print": 10**9,
         }
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched_fn, config=ds_config)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched_fn, config=ds_config
+        )
         device = engine.device
         train_model, eval_model = engine, engine
 
@@ -243,7 +274,9 @@ def _train_loop(config: dict) -> None:
         model = prepare_model(model)  # DDP when world > 1, moves to the device
         loader = prepare_data_loader(loader, add_dist_sampler=False)  # our seeded sampler already shards
         sched = sched_fn(opt)
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16" and device.type == "cuda")
+        scaler = torch.amp.GradScaler(
+            device.type, enabled=cfg.mixed_precision == "fp16" and device.type == "cuda"
+        )
         module = model.module if hasattr(model, "module") else model
         train_model, eval_model = model, module
 
@@ -261,51 +294,78 @@ def _train_loop(config: dict) -> None:
 
         ds_cfg = cfg
 
+    t_ready = time.time()
     history: list[dict] = []
     best, best_epoch, loop_seconds = -math.inf, 0, 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        loss, seen = run_epoch(train_model, loader, step, device, ds_cfg, progress=rank == 0,
-                               desc=f"{config['desc']} epoch {epoch}")
-        seconds = time.perf_counter() - t0
-        loop_seconds += seconds
-        losses = _gather((loss, seen), world)
-        t1 = time.perf_counter()
-        eval_model.eval()
-        preds = _sharded_val(eval_model, tokenizer, val_rows, task, cfg.max_length, cfg.batch_size * 2, device,
-                             rank, world)
-        val = task.metrics(preds, golds_of(val_rows, task))
-        score = primary_value(val, task)
-        history.append({
-            "epoch": epoch,
-            "train_loss": float(np.mean([x[0] for x in losses])),
-            "val": val,
-            "seconds": seconds,
-            "val_seconds": time.perf_counter() - t1,
-            "samples_per_worker": [x[1] for x in losses],
-        })
-        improved = score > best  # ties keep the earlier epoch
-        metrics = {"epoch": epoch, "score": score, "history_json": json.dumps(history),
-                   "train_loop_seconds": loop_seconds}
-        if improved:
-            best, best_epoch = score, epoch
-            metrics["best_epoch"] = best_epoch
-            state = state_for_save()
-            with tempfile.TemporaryDirectory(prefix="s3ray-ckpt-", ignore_cleanup_errors=True) as tmp:
-                checkpoint = None
+    # Rank 0 keeps the best epoch's HF folder here and hands it to Ray Train once, with the full history:
+    # Ray Train V2 keeps only the metrics that come with a checkpoint, and one upload beats one per epoch.
+    with tempfile.TemporaryDirectory(prefix="s3ray-best-", ignore_cleanup_errors=True) as keep:
+        best_dir = Path(keep) / "best"
+        for epoch in range(1, cfg.epochs + 1):
+            sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
+            loss, seen = run_epoch(
+                train_model,
+                loader,
+                step,
+                device,
+                ds_cfg,
+                progress=rank == 0,
+                desc=f"{config['desc']} epoch {epoch}",
+            )
+            seconds = time.perf_counter() - t0
+            loop_seconds += seconds
+            losses = _gather((loss, seen), world)
+            t1 = time.perf_counter()
+            eval_model.eval()
+            preds = _sharded_val(
+                eval_model, tokenizer, val_rows, task, cfg.max_length, cfg.batch_size * 2, device, rank, world
+            )
+            val = task.metrics(preds, golds_of(val_rows, task))
+            score = primary_value(val, task)  # identical on every rank: all saw the same predictions
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": float(np.mean([x[0] for x in losses])),
+                    "val": val,
+                    "seconds": seconds,
+                    "val_seconds": time.perf_counter() - t1,
+                    "samples_per_worker": [x[1] for x in losses],
+                }
+            )
+            if score > best:  # ties keep the earlier epoch
+                best, best_epoch = score, epoch
+                state = state_for_save()  # ZeRO-3: a collective, so every rank calls it
                 if rank == 0:
+                    shutil.rmtree(best_dir, ignore_errors=True)
                     state = {k: v.detach().float().cpu() for k, v in state.items()}  # always fp32 on disk
-                    module.save_pretrained(tmp, state_dict=state)
-                    tokenizer.save_pretrained(tmp)
-                    write_meta(tmp, kind="finetune", task_type=task.type, labels=task.labels,
-                               max_length=cfg.max_length, base_model=config["model_path"], epoch=epoch,
-                               val_metrics=val, strategy=cfg.strategy)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=checkpoint)
-        else:
-            metrics["best_epoch"] = best_epoch
-            ray.train.report(metrics)
+                    module.save_pretrained(best_dir, state_dict=state)
+                    tokenizer.save_pretrained(best_dir)
+                    write_meta(
+                        best_dir,
+                        kind="finetune",
+                        task_type=task.type,
+                        labels=task.labels,
+                        max_length=cfg.max_length,
+                        base_model=config["model_path"],
+                        epoch=epoch,
+                        val_metrics=val,
+                        strategy=cfg.strategy,
+                    )
+                del state
+            ray.train.report(
+                {"epoch": epoch, "score": score, "best_epoch": best_epoch, "train_loop_seconds": loop_seconds}
+            )
+        summary = {
+            "best_epoch": best_epoch,
+            "history_json": json.dumps(history),
+            "train_loop_seconds": loop_seconds,
+            "worker_enter_unix": t_enter,
+            "worker_setup_seconds": t_ready - t_enter,
+            "worker_done_unix": time.time(),
+        }
+        checkpoint = ray.train.Checkpoint.from_directory(str(best_dir)) if rank == 0 else None
+        ray.train.report(summary, checkpoint=checkpoint)
     if dist.is_initialized():
         dist.barrier()
 
@@ -334,18 +394,28 @@ def _cpus_per_worker(cfg: StudentConfig) -> int:
 
 
 def _check_cfg(cfg: StudentConfig, task: Task) -> None:
-    import ray
-
+    """Config mistakes, found before any process starts or model loads."""
+    if task.type not in ("classification", "pair", "extractive_qa"):
+        raise ValueError(f"task type {task.type!r}: the student trains classification, pair or extractive_qa")
+    if cfg.kind == "embedding_head" and task.type == "extractive_qa":
+        raise ValueError(
+            "student.kind=embedding_head supports classification and pair tasks only; "
+            "use student.kind=finetune for extractive_qa"
+        )
     if cfg.mixed_precision == "fp16" and not cfg.use_gpu:
         raise ValueError("student.mixed_precision=fp16 needs student.use_gpu=true; on CPUs use bf16 or no")
+
+
+def _check_gpus(cfg: StudentConfig) -> None:
+    import ray
+
     if cfg.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < cfg.num_workers:
-            raise ValueError(f"student.use_gpu=true with student.num_workers={cfg.num_workers}, but the Ray "
-                             f"cluster has {gpus:g} GPUs; lower num_workers or set use_gpu=false")
-    if cfg.kind == "embedding_head" and task.type == "extractive_qa":
-        raise ValueError("student.kind=embedding_head supports classification and pair tasks only; "
-                         "use student.kind=finetune for extractive_qa")
+            raise ValueError(
+                f"student.use_gpu=true with student.num_workers={cfg.num_workers}, but the Ray "
+                f"cluster has {gpus:g} GPUs; lower num_workers or set use_gpu=false"
+            )
 
 
 def _run_name(desc: str) -> str:
@@ -353,16 +423,25 @@ def _run_name(desc: str) -> str:
     return f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def train_student(train_rows: list[dict], val_rows: list[dict], task: Task, cfg: StudentConfig, model_path: str,
-                  out_dir: str | Path, seed: int, desc: str = "student") -> StudentResult:
+def train_student(
+    train_rows: list[dict],
+    val_rows: list[dict],
+    task: Task,
+    cfg: StudentConfig,
+    model_path: str,
+    out_dir: str | Path,
+    seed: int,
+    desc: str = "student",
+) -> StudentResult:
     """Fine-tune `model_path` on train_rows (Ray Train, cfg.num_workers workers), pick the best epoch on
     val_rows by task.primary_metric, and return where its checkpoint is (out_dir/checkpoint)."""
-    _ensure_ray()
     _check_cfg(cfg, task)
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     train_rows = check_rows(train_rows, task, f"{desc} training rows")
     val_rows = check_rows(val_rows, task, f"{desc} validation rows")
+    _ensure_ray()
+    _check_gpus(cfg)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.kind == "embedding_head":
         return _train_embedding_head(train_rows, val_rows, task, cfg, model_path, out_dir, seed, desc)
 
@@ -371,7 +450,7 @@ def train_student(train_rows: list[dict], val_rows: list[dict], task: Task, cfg:
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
-    t_start = time.perf_counter()
+    t_start, t_start_unix = time.perf_counter(), time.time()
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     features = train_features(tokenizer, train_rows, task, cfg.max_length)
     data_ref = ray.put({"features": features, "val_rows": val_rows})
@@ -379,17 +458,35 @@ def train_student(train_rows: list[dict], val_rows: list[dict], task: Task, cfg:
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
-            "cfg": cfg.model_dump(), "task": task, "data_ref": data_ref, "model_path": str(model_path),
-            "seed": seed, "threads": threads, "desc": desc,
+            "cfg": cfg.model_dump(),
+            "task": task,
+            "data_ref": data_ref,
+            "model_path": str(model_path),
+            "seed": seed,
+            "threads": threads,
+            "desc": desc,
         },
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": threads}),
-        run_config=RunConfig(name=_run_name(desc), storage_path=str(out_dir / "ray_train"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": threads}
+        ),
+        run_config=RunConfig(
+            name=_run_name(desc),
+            storage_path=str(out_dir / "ray_train"),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
     )
-    log.info("%s: training on %d rows (%d features), %d worker(s) x %d CPU, %s", desc, len(train_rows),
-             len(features), cfg.num_workers, threads, cfg.strategy)
+    log.info(
+        "%s: training on %d rows (%d features), %d worker(s) x %d CPU, %s",
+        desc,
+        len(train_rows),
+        len(features),
+        cfg.num_workers,
+        threads,
+        cfg.strategy,
+    )
+    t_fit = time.time()
     result = trainer.fit()
+    t_fitted = time.time()
     if getattr(result, "error", None):
         raise RuntimeError(f"{desc}: Ray Train failed") from result.error
     if result.checkpoint is None or not result.metrics:
@@ -411,16 +508,34 @@ def train_student(train_rows: list[dict], val_rows: list[dict], task: Task, cfg:
         n_train=len(train_rows),
         samples_per_second=len(features) * cfg.epochs / loop if loop > 0 else float("nan"),
         wall_seconds=wall,
-        extra={"n_features": len(features), "cpus_per_worker": threads, "ray_run": str(result.path),
-               "overhead_seconds": wall - loop - sum(h["val_seconds"] for h in history)},
+        extra={
+            "n_features": len(features),
+            "cpus_per_worker": threads,
+            "ray_run": str(result.path),
+            # where the wall time goes besides the training loops
+            "ray_start_seconds": result.metrics["worker_enter_unix"] - t_fit,  # controller + workers up
+            "worker_setup_seconds": result.metrics["worker_setup_seconds"],  # imports, model load, DDP/DS
+            "val_seconds": sum(h["val_seconds"] for h in history),
+            "ray_finish_seconds": t_fitted - result.metrics["worker_done_unix"],
+            "driver_prep_seconds": t_fit - t_start_unix,  # tokenisation
+        },
     )
 
 
 # ------------------------------------------------------------------------------- embedding-head student
 
 
-def _fit_embedding_head(train_rows, val_rows, task: Task, cfg_dict: dict, model_path: str, dest: str, seed: int,
-                        desc: str, threads: int) -> dict:
+def _fit_embedding_head(
+    train_rows,
+    val_rows,
+    task: Task,
+    cfg_dict: dict,
+    model_path: str,
+    dest: str,
+    seed: int,
+    desc: str,
+    threads: int,
+) -> dict:
     """Runs as one Ray task: embed once with the frozen encoder, fit a linear head, save the best epoch."""
     from safetensors.torch import save_file
     from transformers import AutoModel, AutoTokenizer
@@ -443,8 +558,8 @@ def _fit_embedding_head(train_rows, val_rows, task: Task, cfg_dict: dict, model_
         inputs = [task.student_inputs(r) for r in rows]
         out = []
         for s in tqdm(range(0, len(rows), 64), desc=f"{desc} embed", leave=False):
-            a = [x for x, _ in inputs[s:s + 64]]
-            b = [y for _, y in inputs[s:s + 64]]
+            a = [x for x, _ in inputs[s : s + 64]]
+            b = [y for _, y in inputs[s : s + 64]]
             enc = encode_texts(tokenizer, a, b, cfg.max_length, padding=True, return_tensors="pt")
             with autocast_for(cfg, device):
                 out.append(model.embed(**{k: v.to(device) for k, v in enc.items()}).float())
@@ -461,8 +576,9 @@ def _fit_embedding_head(train_rows, val_rows, task: Task, cfg_dict: dict, model_
     from transformers import get_linear_schedule_with_warmup
 
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
-                                            steps_per_epoch * cfg.epochs)
+    sched = get_linear_schedule_with_warmup(
+        opt, int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs), steps_per_epoch * cfg.epochs
+    )
     gen = torch.Generator().manual_seed(seed)
     history, best, best_epoch, best_state = [], -math.inf, 0, None
     golds = golds_of(val_rows, task)
@@ -472,7 +588,7 @@ def _fit_embedding_head(train_rows, val_rows, task: Task, cfg_dict: dict, model_
         perm = torch.randperm(len(train_rows), generator=gen).to(device)
         losses = []
         for s in range(0, len(perm), cfg.batch_size):
-            idx = perm[s:s + cfg.batch_size]
+            idx = perm[s : s + cfg.batch_size]
             loss = torch.nn.functional.cross_entropy(head(x_train[idx]), y_train[idx])
             loss.backward()
             opt.step()
@@ -496,24 +612,41 @@ def _fit_embedding_head(train_rows, val_rows, task: Task, cfg_dict: dict, model_
     encoder.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_file(best_state, str(tmp / HEAD_FILE))
-    write_meta(tmp, kind="embedding_head", task_type=task.type, labels=task.labels, max_length=cfg.max_length,
-               base_model=model_path, epoch=best_epoch, val_metrics=history[best_epoch - 1]["val"],
-               head_learning_rate=lr)
+    write_meta(
+        tmp,
+        kind="embedding_head",
+        task_type=task.type,
+        labels=task.labels,
+        max_length=cfg.max_length,
+        base_model=model_path,
+        epoch=best_epoch,
+        val_metrics=history[best_epoch - 1]["val"],
+        head_learning_rate=lr,
+    )
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # atomic: a half-written folder is never mistaken for a checkpoint
-    return {"history": history, "best_epoch": best_epoch, "embed_seconds": embed_seconds,
-            "head_seconds": sum(h["seconds"] for h in history)}
+    return {
+        "history": history,
+        "best_epoch": best_epoch,
+        "embed_seconds": embed_seconds,
+        "head_seconds": sum(h["seconds"] for h in history),
+    }
 
 
-def _train_embedding_head(train_rows, val_rows, task, cfg, model_path, out_dir: Path, seed, desc) -> StudentResult:
+def _train_embedding_head(
+    train_rows, val_rows, task, cfg, model_path, out_dir: Path, seed, desc
+) -> StudentResult:
     import ray
 
     t0 = time.perf_counter()
     threads = _cpus_per_worker(cfg.model_copy(update={"num_workers": 1}))
     remote = ray.remote(num_cpus=threads, num_gpus=1 if cfg.use_gpu else 0)(_fit_embedding_head)
     dest = out_dir / "checkpoint"
-    out = ray.get(remote.remote(train_rows, val_rows, task, cfg.model_dump(), str(model_path), str(dest), seed,
-                                desc, threads))
+    out = ray.get(
+        remote.remote(
+            train_rows, val_rows, task, cfg.model_dump(), str(model_path), str(dest), seed, desc, threads
+        )
+    )
     train_seconds = out["embed_seconds"] + out["head_seconds"]
     return StudentResult(
         checkpoint=str(dest),
@@ -522,10 +655,63 @@ def _train_embedding_head(train_rows, val_rows, task, cfg, model_path, out_dir: 
         history=out["history"],
         train_seconds=train_seconds,
         n_train=len(train_rows),
-        samples_per_second=len(train_rows) * cfg.epochs / train_seconds if train_seconds > 0 else float("nan"),
+        samples_per_second=len(train_rows) * cfg.epochs / train_seconds
+        if train_seconds > 0
+        else float("nan"),
         wall_seconds=time.perf_counter() - t0,
         extra={"embed_seconds": out["embed_seconds"], "head_seconds": out["head_seconds"]},
     )
+
+
+# ----------------------------------------------------------------------------------- plain loop (baseline)
+
+
+def train_plain(
+    train_rows: list[dict],
+    task: Task,
+    cfg: StudentConfig,
+    model_path: str,
+    seed: int,
+    threads: int | None = None,
+) -> dict:
+    """The same data, model, optimiser and epoch loop as a Ray Train worker, in this process and without
+    Ray: the baseline that benchmarks/student_training.py compares Ray Train against. No validation."""
+    from transformers import AutoTokenizer
+
+    from s3ray.student.model import build_finetune_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    features = train_features(tokenizer, check_rows(train_rows, task, "training rows"), task, cfg.max_length)
+    torch.manual_seed(seed)
+    model = build_finetune_model(model_path, task.type, task.labels, cfg.trust_remote_code)
+    loader, sampler = make_loader(features, tokenizer, cfg.batch_size, seed)
+    opt, sched_fn = make_optimizer(model, cfg, len(loader) * cfg.epochs)
+    sched = sched_fn(opt)
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    model.to(device)
+
+    def step(loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    losses, seconds = [], 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss, _ = run_epoch(model, loader, step, device, cfg, progress=True, desc=f"plain epoch {epoch}")
+        seconds += time.perf_counter() - t0
+        losses.append(loss)
+    return {
+        "train_seconds": seconds,
+        "n_features": len(features),
+        "losses": losses,
+        "samples_per_second": len(features) * cfg.epochs / seconds,
+    }
 
 
 # --------------------------------------------------------------------------------------------- evaluate

@@ -30,7 +30,9 @@ _QUESTION_DEFAULTS = {
     "entailment": "a sentence that contains the answer to the {d}",
     "not_entailment": "a sentence on the same topic that does not answer the {d}",
 }
-_SECOND_LINE = re.compile(r"^\W*(?:hypothesis|sentence|answer|statement)\s*(?:\d+)?\s*[:\-]\s*(.+)$", re.I)
+_SECOND_LINE = re.compile(
+    r"^\W*(?:hypothesis|sentence|answer|statement)\s*(?:\d+)?\s*[:\-]\s*(.+)$", re.IGNORECASE
+)
 _WORD = re.compile(r"[a-z0-9]+")
 
 

@@ -68,7 +68,7 @@ class VLLMEngine(Engine):
         distributed_executor_backend: str | None = None,
     ) -> None:
         # The CPU build sizes its KV cache from this variable (GiB); it must be set before the engine starts.
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = _gib(cfg.kv_cache_space_gb)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = kv_cache_env(cfg)
         from vllm import LLM
 
         kwargs: dict = {
@@ -206,8 +206,13 @@ class VLLMEngine(Engine):
             gc.collect()
 
 
-def _gib(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
+def kv_cache_env(cfg: TeacherConfig) -> str:
+    """VLLM_CPU_KVCACHE_SPACE for `kv_cache_space_gb`: vLLM parses it as a whole number of GiB."""
+    gib = max(1, round(cfg.kv_cache_space_gb))
+    if gib != cfg.kv_cache_space_gb:
+        log.warning("teacher.kv_cache_space_gb=%s: vLLM's CPU build takes whole GiB; using %d",
+                    cfg.kv_cache_space_gb, gib)
+    return str(gib)
 
 
 def render_prompt_ids(tokenizer, req: GenerationRequest) -> list[int]:
@@ -263,29 +268,39 @@ class TransformersEngine(Engine):
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+        self._lock = threading.Lock()  # one generate() at a time: concurrent calls gain nothing here
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        with self._lock:
+            return self._generate(requests)
+
+    def _generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
         # generate() takes one set of sampling parameters: batch requests that share them.
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[tuple, list[tuple[int, str]]] = {}
         for i, req in enumerate(requests):
+            try:
+                text = render_prompt(self.tokenizer, req)
+            except Exception as e:  # noqa: BLE001 - one bad request must not sink its batch
+                results[i] = GenerationResult(req.request_id, error=_error_text(e))
+                continue
             s = req.sampling
-            groups.setdefault((s.temperature, s.top_p, s.max_tokens, s.ignore_eos), []).append(i)
+            groups.setdefault((s.temperature, s.top_p, s.max_tokens, s.ignore_eos), []).append((i, text))
         for key, members in groups.items():
             for start in range(0, len(members), self.cfg.batch_size):
                 batch = members[start : start + self.cfg.batch_size]
+                reqs = [requests[i] for i, _ in batch]
                 try:
-                    outs = self._generate_batch([requests[i] for i in batch], *key)
+                    outs = self._generate_batch(reqs, [t for _, t in batch], *key)
                 except Exception as e:  # noqa: BLE001
-                    outs = [GenerationResult(requests[i].request_id, error=_error_text(e)) for i in batch]
-                for i, r in zip(batch, outs):
+                    outs = [GenerationResult(r.request_id, error=_error_text(e)) for r in reqs]
+                for (i, _), r in zip(batch, outs):
                     results[i] = r
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, reqs, temperature, top_p, max_tokens, ignore_eos) -> list[GenerationResult]:
+    def _generate_batch(self, reqs, texts, temperature, top_p, max_tokens, ignore_eos) -> list[GenerationResult]:
         import torch
 
-        texts = [render_prompt(self.tokenizer, r) for r in reqs]
         enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.device)
         gen_kwargs: dict = {"max_new_tokens": max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
         if temperature > 0:

@@ -1,0 +1,142 @@
+"""Student training throughput: Ray Train with 1 and 2 workers vs a plain PyTorch loop.
+
+Same rows, model, tokenisation, optimiser and epoch loop (s3ray.student.train.run_epoch) in all three; the
+plain loop runs in this process without Ray. Throughput is measured inside the training loops (samples/s);
+Ray Train's start-up, worker set-up, validation and shut-down are reported separately, with the end-to-end
+wall time of each train_student call.
+
+    python benchmarks/student_training.py                      # MiniLM, 512 SST-2 rows, max_length 64
+    python benchmarks/student_training.py --model PATH --rows 256
+
+Writes benchmarks/results/student_training.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rows(n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
+    rows = [
+        json.loads(line) for line in (REPO / "data" / "sst2" / "validation.jsonl").read_text().splitlines()
+    ]
+    if n_train + n_val > len(rows):
+        raise SystemExit(
+            f"--rows {n_train}: data/sst2/validation.jsonl has {len(rows)} rows ({n_val} kept for validation)"
+        )
+    return rows[:n_train], rows[n_train : n_train + n_val]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--model", default="embedded:all-minilm-l6-v2", help="student model (embedded id or HF folder)"
+    )
+    ap.add_argument("--rows", type=int, default=512, help="training rows from data/sst2/validation.jsonl")
+    ap.add_argument("--val-rows", type=int, default=64, help="validation rows (timed separately)")
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16, help="per worker")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--workers", default="1,2", help="Ray Train worker counts to measure")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "student_training.json"))
+    args = ap.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="s3bench-student-"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from s3ray.runtime import init_ray, set_cache_dirs
+
+    set_cache_dirs(tmp / "caches")
+    from s3ray.config import StudentConfig
+    from s3ray.models import resolve_student
+    from s3ray.student import train_student
+    from s3ray.student.train import train_plain
+    from s3ray.tasks.classification import ClassificationTask
+
+    model_path = resolve_student(args.model)
+    train, val = _rows(args.rows, args.val_rows)
+    task = ClassificationTask(labels=["negative", "positive"])
+    base = {"epochs": args.epochs, "batch_size": args.batch_size, "max_length": args.max_length}
+    cores = os.cpu_count() or 1
+
+    print(f"plain PyTorch loop, {cores} threads ...", flush=True)
+    t0 = time.perf_counter()
+    plain = train_plain(train, task, StudentConfig(**base), model_path, seed=0, threads=cores)
+    plain["wall_seconds"] = time.perf_counter() - t0  # model load + tokenisation + loop
+
+    init_ray(num_cpus=cores, temp_dir=str(tmp / "ray"))
+    ray_runs = {}
+    for w in [int(x) for x in args.workers.split(",")]:
+        print(f"Ray Train, {w} worker(s) ...", flush=True)
+        res = train_student(
+            train,
+            val,
+            task,
+            StudentConfig(**base, num_workers=w),
+            model_path,
+            tmp / f"ray{w}",
+            seed=0,
+            desc=f"bench-{w}w",
+        )
+        ray_runs[w] = {
+            "samples_per_second": res.samples_per_second,
+            "train_seconds": res.train_seconds,
+            "wall_seconds": res.wall_seconds,
+            "cpus_per_worker": res.extra["cpus_per_worker"],
+            "ray_start_seconds": res.extra["ray_start_seconds"],
+            "worker_setup_seconds": res.extra["worker_setup_seconds"],
+            "val_seconds": res.extra["val_seconds"],
+            "ray_finish_seconds": res.extra["ray_finish_seconds"],
+            "train_loss": [h["train_loss"] for h in res.history],
+        }
+
+    print("plain PyTorch loop again (load drift check) ...", flush=True)
+    plain_after = train_plain(train, task, StudentConfig(**base), model_path, seed=0, threads=cores)
+
+    out = {
+        "benchmark": "student_training",
+        "model": args.model,
+        "rows": args.rows,
+        "max_length": args.max_length,
+        "batch_size_per_worker": args.batch_size,
+        "epochs": args.epochs,
+        "machine": {
+            "cores": cores,
+            "python": platform.python_version(),
+            "load_average_at_end": list(os.getloadavg()),
+        },
+        "plain": {
+            "samples_per_second": plain["samples_per_second"],
+            "train_seconds": plain["train_seconds"],
+            "wall_seconds": plain["wall_seconds"],
+            "threads": cores,
+            "train_loss": plain["losses"],
+            "samples_per_second_rerun": plain_after["samples_per_second"],
+        },
+        "ray": {f"{w}_workers": r for w, r in ray_runs.items()},
+    }
+    for w, r in ray_runs.items():
+        out[f"ray{w}_over_plain"] = r["samples_per_second"] / plain["samples_per_second"]
+        out[f"ray{w}_over_plain_end_to_end"] = plain["wall_seconds"] / r["wall_seconds"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    for w in ray_runs:
+        print(
+            f"ray{w}_over_plain = {out[f'ray{w}_over_plain']:.3f} (in-loop samples/s); "
+            f"end to end {out[f'ray{w}_over_plain_end_to_end']:.3f}"
+        )
+    print(f"wrote {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

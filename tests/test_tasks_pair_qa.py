@@ -1,0 +1,250 @@
+"""Pair (RTE/QNLI) and extractive-QA tasks: prompts, parsers with counted reasons, span checks, metrics."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import pytest
+
+from s3ray.config import TaskConfig
+from s3ray.tasks import ParseError, make_task
+from s3ray.tasks.pair import PairTask
+from s3ray.tasks.qa import ExtractiveQATask, exact_match, find_span, normalize_answer, token_f1
+
+REPO = Path(__file__).resolve().parents[1]
+PREMISE = (
+    "Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, "
+    "according to the Christopher Reeve Foundation."
+)
+QUESTION = "What is the first major city in the stream of the Rhine?"
+PARAGRAPH = (
+    "Another green space in Newcastle is the Town Moor, lying immediately north of the city centre. "
+    "The Hoppings funfair, said to be the largest travelling funfair in Europe, is held here annually in June."
+)
+
+
+@pytest.fixture
+def rte() -> PairTask:
+    return make_task(TaskConfig(type="pair", description="premise"), ["entailment", "not_entailment"])
+
+
+@pytest.fixture
+def qnli() -> PairTask:
+    return make_task(TaskConfig(type="pair", description="question"), ["entailment", "not_entailment"])
+
+
+@pytest.fixture
+def qa() -> ExtractiveQATask:
+    return make_task(TaskConfig(type="extractive_qa", description="paragraph"), None)
+
+
+def _user(messages) -> str:
+    return "\n".join(m["content"] for m in messages if m["role"] == "user")
+
+
+# --- pair: prompts -------------------------------------------------------------------------------------
+
+def test_make_task_builds_pair_and_qa(rte, qa):
+    assert isinstance(rte, PairTask) and rte.fields == ("text_a", "text_b") and rte.context_fields == ("text_a",)
+    assert isinstance(qa, ExtractiveQATask) and qa.labels is None and qa.primary_metric == "f1"
+
+
+def test_pair_seed_prompt_keeps_premise_and_label_words(rte):
+    ent = _user(rte.seed_messages("entailment", [], {"text_a": PREMISE}))
+    not_ent = _user(rte.seed_messages("not_entailment", [], {"text_a": PREMISE}))
+    assert PREMISE in ent and PREMISE in not_ent
+    assert "must be true if the premise is true" in ent
+    assert "not implied" in not_ent and "must be true" not in not_ent
+
+
+def test_pair_prompts_read_as_questions_for_qnli(qnli):
+    ent = _user(qnli.seed_messages("entailment", [], {"text_a": QUESTION}))
+    assert QUESTION in ent and "answer to the question" in ent
+    assert "does not answer the question" in _user(qnli.seed_messages("not_entailment", [], {"text_a": QUESTION}))
+
+
+def test_pair_label_words_come_from_config_first():
+    task = make_task(
+        TaskConfig(type="pair", description="claim", label_descriptions={"yes": "a sentence that the claim proves"}),
+        ["yes", "no"],
+    )
+    prompt = _user(task.seed_messages("yes", [], {"text_a": "The sky is blue."}))
+    assert "a sentence that the claim proves" in prompt
+    # Unknown label without a description: a generic fallback that still names the label.
+    assert "'no' relation to the claim" in _user(task.seed_messages("no", [], {"text_a": "The sky is blue."}))
+
+
+def test_pair_ees_prompt_keeps_error_context_and_gold_label(rte):
+    err = {"text_a": PREMISE, "text_b": "Christopher Reeve had an accident.", "label": "not_entailment"}
+    prompt = _user(rte.ees_messages(err))
+    assert PREMISE in prompt and "Christopher Reeve had an accident." in prompt
+    assert "not implied" in prompt
+
+
+def test_pair_seed_needs_a_context(rte):
+    with pytest.raises(ValueError, match="text_a"):
+        rte.seed_messages("entailment", [], None)
+
+
+# --- pair: parsing -------------------------------------------------------------------------------------
+
+PAIR_CASES = [
+    ("Dana Reeve died of cancer.", None),
+    ('Hypothesis: "Dana Reeve died of lung cancer."', None),
+    ("Premise: Dana Reeve ...\nHypothesis: Dana Reeve was 44 years old.", None),
+    ("Sure! Here is a sentence: Dana Reeve was married to an actor.\n\nThis is entailed because...", None),
+    ("", "empty"),
+    ("   \n ", "empty"),
+    (PREMISE, "copies_premise"),
+    ("Sentence: " + PREMISE.replace("44", "44 years"), "copies_premise"),
+    ("Ok.", "too_short"),
+    ("Dana " * 400, "too_long"),
+    ("I'm sorry, but I cannot write that sentence.", "refusal"),
+    ("As an AI language model, I will not do this.", "refusal"),
+    ("Write a sentence that must be true if the premise is true.", "echoed_instruction"),
+    ("... 1234 5678 ...", "no_words"),
+]
+
+
+@pytest.mark.parametrize("reply,reason", PAIR_CASES)
+def test_pair_parse_example(rte, reply, reason):
+    ctx = {"text_a": PREMISE}
+    if reason is None:
+        row = rte.parse_example(reply, "entailment", ctx)
+        assert row["text_a"] == PREMISE and row["label"] == "entailment"
+        assert row["text_b"] and row["text_b"] != PREMISE and "Hypothesis" not in row["text_b"]
+        assert rte.validate_row(row) is None
+    else:
+        with pytest.raises(ParseError) as e:
+            rte.parse_example(reply, "entailment", ctx)
+        assert e.value.reason == reason
+
+
+def test_pair_parse_reasons_are_countable(rte):
+    """The loop counts `ParseError.reason`; a realistic batch of replies gives a stable tally."""
+    tally = collections.Counter()
+    for reply, _ in PAIR_CASES:
+        try:
+            rte.parse_example(reply, "entailment", {"text_a": PREMISE})
+            tally["ok"] += 1
+        except ParseError as e:
+            tally[e.reason] += 1
+    assert tally == collections.Counter({"ok": 4, "empty": 2, "copies_premise": 2, "refusal": 2, "too_short": 1,
+                                         "too_long": 1, "echoed_instruction": 1, "no_words": 1})
+
+
+def test_qnli_rejects_a_second_question(qnli):
+    with pytest.raises(ParseError) as e:
+        qnli.parse_example("Which city is first on the Rhine river?", "entailment", {"text_a": QUESTION})
+    assert e.value.reason == "wrote_a_question"
+    ok = qnli.parse_example("Basel is the first major city on the Rhine.", "entailment", {"text_a": QUESTION})
+    assert ok["text_b"] == "Basel is the first major city on the Rhine."
+
+
+def test_pair_student_inputs_and_metrics(rte):
+    assert rte.student_inputs({"text_a": "a", "text_b": "b"}) == ("a", "b")
+    m = rte.metrics(["entailment", "entailment", "not_entailment", "entailment"],
+                    ["entailment", "not_entailment", "not_entailment", "entailment"])
+    assert m["accuracy"] == 0.75 and m["n"] == 4
+    # F1(entailment) = 2*2/(4+1) = 0.8; F1(not_entailment) = 2/(2+1) = 2/3.
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+# --- QA: metric ----------------------------------------------------------------------------------------
+
+def test_squad_normalisation_and_scores():
+    assert normalize_answer("The  Town Moor!") == "town moor"
+    assert exact_match("the Town Moor.", "Town Moor") == 1.0
+    assert exact_match("Moor", "Town Moor") == 0.0
+    assert token_f1("Town Moor park", "the Town Moor") == pytest.approx(0.8)
+    assert token_f1("", "Town Moor") == 0.0 and token_f1("", "") == 1.0
+    assert token_f1("June", "Town Moor") == 0.0
+
+
+def test_qa_metrics(qa):
+    m = qa.metrics(["Town Moor", "in June", "Europe"], ["the Town Moor", "June", "Newcastle"])
+    assert m["n"] == 3
+    assert m["exact_match"] == pytest.approx(1 / 3)
+    assert m["f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+
+
+# --- QA: prompts, parsing and spans --------------------------------------------------------------------
+
+def test_qa_seed_and_ees_prompts_keep_the_paragraph(qa):
+    seed = _user(qa.seed_messages(label=None, rationales=[], context={"context": PARAGRAPH}))
+    assert PARAGRAPH in seed and "Answer:" in seed and "Question:" in seed
+    err = {"context": PARAGRAPH, "question": "Where is the Hoppings funfair held?", "answer": "Town Moor"}
+    ees = _user(qa.ees_messages(err))
+    assert PARAGRAPH in ees and "Where is the Hoppings funfair held?" in ees and "Town Moor" in ees
+
+
+def test_find_span_prefers_the_contexts_own_text():
+    assert find_span("town moor", PARAGRAPH) == ("Town Moor", PARAGRAPH.index("Town Moor"))
+    assert find_span("June!", PARAGRAPH) == ("June", PARAGRAPH.index("June"))
+    assert find_span("Hyde Park", PARAGRAPH) is None
+
+
+QA_CASES = [
+    ("Answer: Town Moor\nQuestion: Where is the Hoppings funfair held?", "Town Moor", None),
+    ("answer: the largest travelling funfair in europe\nquestion: What is the Hoppings said to be?",
+     "the largest travelling funfair in Europe", None),
+    ('**Answer:** "June"\n**Question:** In which month does the funfair take place each year? It is annual.',
+     "June", None),
+    ("", None, "empty"),
+    ("I'm sorry, I cannot help with that.", None, "refusal"),
+    ("Question: Where is the funfair held?", None, "no_answer"),
+    ("Answer: Town Moor", None, "no_question"),
+    ("Answer: Hyde Park\nQuestion: Which park is larger?", None, "answer_not_in_context"),
+    ("Answer: Town Moor\nQuestion: Name the green space north of the centre.", None, "not_a_question"),
+    ("Answer: Town Moor\nQuestion: Is the Town Moor in Newcastle?", None, "question_contains_answer"),
+    ("Answer: " + " ".join(["word"] * 40) + "\nQuestion: What?", None, "answer_too_long"),
+    ("Answer: June\nQuestion: When?", None, "too_short"),
+]
+
+
+@pytest.mark.parametrize("reply,answer,reason", QA_CASES)
+def test_qa_parse_example(qa, reply, answer, reason):
+    ctx = {"context": PARAGRAPH, "question": "x?", "answer": "Town Moor", "answer_start": 40}
+    if reason is None:
+        row = qa.parse_example(reply, None, ctx)
+        assert row["answer"] == answer
+        assert row["context"][row["answer_start"]: row["answer_start"] + len(answer)] == answer
+        assert row["question"].endswith("?") and "It is annual" not in row["question"]
+        assert qa.validate_row(row) is None
+    else:
+        with pytest.raises(ParseError) as e:
+            qa.parse_example(reply, None, ctx)
+        assert e.value.reason == reason
+
+
+def test_qa_validate_row_checks_answer_start(qa):
+    good = {"context": PARAGRAPH, "question": "Where?", "answer": "Town Moor",
+            "answer_start": PARAGRAPH.index("Town Moor")}
+    assert qa.validate_row(good) is None
+    assert "does not point at the answer" in qa.validate_row({**good, "answer_start": 3})
+    assert "answer_start" in qa.validate_row({k: v for k, v in good.items() if k != "answer_start"})
+    assert "'question'" in qa.validate_row({**good, "question": ""})
+
+
+def test_qa_real_rows_validate_and_parse_back(qa):
+    """Every row of the repo's AdQA copy is a valid span; a reply written from a real row parses back to it."""
+    import gzip
+
+    with gzip.open(REPO / "data" / "adqa" / "validation.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f][:200]
+    assert all(qa.validate_row(r) is None for r in rows)
+    parsed = 0
+    for r in rows:
+        if normalize_answer(r["answer"]) in normalize_answer(r["question"]) or "?" not in r["question"]:
+            continue
+        row = qa.parse_example(f"Answer: {r['answer']}\nQuestion: {r['question']}", None, r)
+        assert row["answer"].lower() == r["answer"].lower()
+        assert qa.validate_row(row) is None
+        parsed += 1
+    assert parsed > 150
+
+
+def test_qa_student_inputs(qa):
+    assert qa.student_inputs({"context": "c", "question": "q?"}) == ("q?", "c")
