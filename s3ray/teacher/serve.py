@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from s3ray.config import TeacherConfig
-from s3ray.teacher.engines import kv_cache_env
+from s3ray.teacher.engines import cpu_workarounds, kv_cache_env
 
 
 def server_command(cfg: TeacherConfig, model_path: str, host: str, port: int) -> list[str]:
@@ -35,6 +35,8 @@ def server_command(cfg: TeacherConfig, model_path: str, host: str, port: int) ->
         "--pipeline-parallel-size", str(cfg.pipeline_parallel_size),
         "--disable-uvicorn-access-log",
     ]
+    if cpu_workarounds(cfg):  # see engines.cpu_workarounds: per-request seeds + chunked prefill crash on CPU
+        cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(4096, cfg.max_model_len))]
     if cfg.enforce_eager:
         cmd.append("--enforce-eager")
     if cfg.trust_remote_code:
