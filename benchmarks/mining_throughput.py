@@ -45,7 +45,8 @@ def make_checkpoint(model_spec: str, dest: Path, max_length: int) -> Path:
 
 
 def make_rows(n: int) -> list[dict]:
-    src = [json.loads(line) for line in open(REPO / "data" / "sst2" / "test.jsonl") if line.strip()]
+    with open(REPO / "data" / "sst2" / "test.jsonl") as f:
+        src = [json.loads(line) for line in f if line.strip()]
     return [{"id": f"{i}", "text": src[i % len(src)]["text"], "label": src[i % len(src)]["label"]} for i in range(n)]
 
 
@@ -115,12 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     # Warm-up (file cache, lazy imports in this process) so neither side pays first-use costs alone.
     plain_loop(ckpt, rows[: args.batch_size * 2], args.batch_size, task)
     plain = plain_loop(ckpt, rows, args.batch_size, task)
+    plain["load_avg_1m_after"] = os.getloadavg()[0]  # shared machines: other work skews both clocks
     print(f"plain loop: {plain['rows_per_s']:.1f} rows/s ({plain['seconds']:.1f}s)", flush=True)
     runs = {}
     for c in args.concurrency:
         r = ray_pipeline(ckpt, val, work / f"out-c{c}", args.batch_size, c, task)
         assert r["n_errors"] == plain["n_errors"], (r["n_errors"], plain["n_errors"])
         r["ray_data_over_plain"] = r["rows_per_s"] / plain["rows_per_s"]
+        r["load_avg_1m_after"] = os.getloadavg()[0]
         runs[f"concurrency_{c}"] = r
         print(f"ray data, concurrency {c}: {r['rows_per_s']:.1f} rows/s ({r['seconds']:.1f}s); "
               f"ray_data_over_plain = {r['ray_data_over_plain']:.3f}", flush=True)

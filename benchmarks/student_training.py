@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -67,12 +68,18 @@ def main(argv: list[str] | None = None) -> dict:
     task = ClassificationTask(labels=["negative", "positive"])
     base = {"epochs": args.epochs, "batch_size": args.batch_size, "max_length": args.max_length}
     cores = os.cpu_count() or 1
+    load_at_start = list(os.getloadavg())
 
+    def plain_run() -> dict:
+        t0 = time.perf_counter()
+        r = train_plain(train, task, StudentConfig(**base), model_path, seed=0, threads=cores)
+        r["wall_seconds"] = time.perf_counter() - t0  # model load + tokenisation + loop
+        print(f"  plain: {r['samples_per_second']:.2f} samples/s", flush=True)
+        return r
+
+    # The machine may be shared: every Ray run is bracketed by plain runs, and compared with their mean.
     print(f"plain PyTorch loop, {cores} threads ...", flush=True)
-    t0 = time.perf_counter()
-    plain = train_plain(train, task, StudentConfig(**base), model_path, seed=0, threads=cores)
-    plain["wall_seconds"] = time.perf_counter() - t0  # model load + tokenisation + loop
-
+    plains = [plain_run()]
     init_ray(num_cpus=cores, temp_dir=str(tmp / "ray"))
     ray_runs = {}
     for w in [int(x) for x in args.workers.split(",")]:
@@ -87,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
             seed=0,
             desc=f"bench-{w}w",
         )
+        print(f"  ray {w}w: {res.samples_per_second:.2f} samples/s", flush=True)
+        plains.append(plain_run())
+        ref = plains[-2:]
         ray_runs[w] = {
             "samples_per_second": res.samples_per_second,
             "train_seconds": res.train_seconds,
@@ -96,11 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
             "worker_setup_seconds": res.extra["worker_setup_seconds"],
             "val_seconds": res.extra["val_seconds"],
             "ray_finish_seconds": res.extra["ray_finish_seconds"],
+            "driver_prep_seconds": res.extra["driver_prep_seconds"],
             "train_loss": [h["train_loss"] for h in res.history],
+            "plain_reference_samples_per_second": sum(p["samples_per_second"] for p in ref) / 2,
+            "plain_reference_wall_seconds": sum(p["wall_seconds"] for p in ref) / 2,
         }
-
-    print("plain PyTorch loop again (load drift check) ...", flush=True)
-    plain_after = train_plain(train, task, StudentConfig(**base), model_path, seed=0, threads=cores)
 
     out = {
         "benchmark": "student_training",
@@ -112,21 +122,21 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {
             "cores": cores,
             "python": platform.python_version(),
+            "load_average_at_start": load_at_start,
             "load_average_at_end": list(os.getloadavg()),
         },
         "plain": {
-            "samples_per_second": plain["samples_per_second"],
-            "train_seconds": plain["train_seconds"],
-            "wall_seconds": plain["wall_seconds"],
             "threads": cores,
-            "train_loss": plain["losses"],
-            "samples_per_second_rerun": plain_after["samples_per_second"],
+            "samples_per_second_runs": [p["samples_per_second"] for p in plains],
+            "train_seconds_runs": [p["train_seconds"] for p in plains],
+            "wall_seconds_runs": [p["wall_seconds"] for p in plains],
+            "train_loss": plains[0]["losses"],
         },
         "ray": {f"{w}_workers": r for w, r in ray_runs.items()},
     }
     for w, r in ray_runs.items():
-        out[f"ray{w}_over_plain"] = r["samples_per_second"] / plain["samples_per_second"]
-        out[f"ray{w}_over_plain_end_to_end"] = plain["wall_seconds"] / r["wall_seconds"]
+        out[f"ray{w}_over_plain"] = r["samples_per_second"] / r["plain_reference_samples_per_second"]
+        out[f"ray{w}_over_plain_end_to_end"] = r["plain_reference_wall_seconds"] / r["wall_seconds"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     for w in ray_runs:
@@ -135,6 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"end to end {out[f'ray{w}_over_plain_end_to_end']:.3f}"
         )
     print(f"wrote {args.out}")
+    import ray
+
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -54,5 +54,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
     else:
         if temp_dir:
             kwargs["_temp_dir"] = str(temp_dir)
+        if num_cpus is None:
+            # The idle teacher actor keeps its CPU reservation while the student trains and Ray Data mines
+            # errors; on a 2-core machine that leaves Ray Data's read tasks no CPU and the pipeline waits
+            # forever. Logical CPUs oversubscribe a small machine so every stage can be scheduled.
+            num_cpus = max(os.cpu_count() or 1, 4)
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
         log.info("started a local Ray cluster: %s", ray.cluster_resources())

@@ -4,8 +4,8 @@ How "the driver never materialises the set" is checked: every row carries a wide
 text), so the 3,000-row set is ~120 MB of Python strings if it ever reaches the driver as rows or pandas.
 Python allocations in the driver are traced (tracemalloc) while `mine_errors` runs and the peak must stay far
 below that size; a positive control runs the same meter over `take_all()` on the same data and must see it.
-(Arrow buffers fetched zero-copy would escape tracemalloc, so the pipeline's own driver-side reads are also
-bounded by the number of blocks: predictions land in many Parquet files, never one collected table.)
+(Arrow buffers fetched zero-copy would escape tracemalloc; the pipeline fetches none: its write tasks return
+one small summary per block, and the predictions land in several Parquet files, never one collected table.)
 """
 
 from __future__ import annotations

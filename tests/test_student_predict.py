@@ -10,9 +10,8 @@ from s3ray.student import META_FILE, StudentPredictor, read_meta, train_student
 from s3ray.student.checkpoint import write_meta
 from s3ray.student.features import check_qa_rows, qa_train_features
 from s3ray.student.model import build_finetune_model
-from s3ray.student.squad import exact_match, token_f1
 from s3ray.tasks.classification import ClassificationTask
-from s3ray.tasks.qa import ExtractiveQATask
+from s3ray.tasks.qa import ExtractiveQATask, exact_match, token_f1
 
 LABELS = ["negative", "positive"]
 

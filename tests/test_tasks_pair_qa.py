@@ -95,6 +95,7 @@ PAIR_CASES = [
     ('Hypothesis: "Dana Reeve died of lung cancer."', None),
     ("Premise: Dana Reeve ...\nHypothesis: Dana Reeve was 44 years old.", None),
     ("Sure! Here is a sentence: Dana Reeve was married to an actor.\n\nThis is entailed because...", None),
+    ("Dana Reeve has died of lung cancer.", None),  # a part of the premise is a fine hypothesis
     ("", "empty"),
     ("   \n ", "empty"),
     (PREMISE, "copies_premise"),
@@ -131,7 +132,7 @@ def test_pair_parse_reasons_are_countable(rte):
             tally["ok"] += 1
         except ParseError as e:
             tally[e.reason] += 1
-    assert tally == collections.Counter({"ok": 4, "empty": 2, "copies_premise": 2, "refusal": 2, "too_short": 1,
+    assert tally == collections.Counter({"ok": 5, "empty": 2, "copies_premise": 2, "refusal": 2, "too_short": 1,
                                          "too_long": 1, "echoed_instruction": 1, "no_words": 1})
 
 

@@ -200,3 +200,19 @@ def test_openai_engine_against_local_vllm_server(vllm_server, tiny_teacher_dir):
     assert out[-1].output_tokens == 6
     assert len({r.text for r in out[:5]}) > 1  # derived per-request seeds differ
     assert again[0].text == out[-1].text and again[1].text == out[0].text  # seeds reach the server
+
+
+@pytest.mark.slow
+def test_pool_with_openai_engine_runs_in_the_driver(vllm_server, tiny_teacher_dir, tmp_path):
+    from s3ray.teacher.pool import TeacherPool
+
+    cfg, url = vllm_server
+    cfg = cfg.model_copy(update={"openai": OpenAIConfig(base_url=url, concurrency=3, max_retries=1)})
+    reqs = [_req(f"p{i}", f"review {i}", max_tokens=6, seed=i) for i in range(7)]
+    with TeacherPool(cfg, str(tiny_teacher_dir), run_seed=1, cache_path=tmp_path / "c.sqlite") as pool:
+        out = pool.generate(reqs)
+        again = pool.generate(reqs)
+        st = pool.stats()
+    assert [r.request_id for r in out] == [r.request_id for r in reqs] and all(r.ok for r in out)
+    assert all(r.cached for r in again) and [r.text for r in again] == [r.text for r in out]
+    assert st["sent"] == 7 and st["cached"] == 7

@@ -2,14 +2,13 @@
 
 A streaming Ray Data pipeline, so the validation set may be far larger than the driver's memory:
 
-    1. read (Parquet / JSONL / CSV) -> map_batches(StudentPredictor actors) -> write predictions Parquet
-    2. one distributed aggregation over the predictions: row and correct counts, the task metric
-       (a gold x prediction count table for accuracy / macro F1; exact match and mean F1 for QA) and the
-       k lowest-margin correct rows' (margin, id) keys for the hard examples
-    3. one filter pass over the predictions -> errors (+ hard examples) Parquet
+    read (Parquet / JSONL / CSV) -> map_batches(StudentPredictor actors) -> PredictionSink
 
-Inference runs once (passes 2 and 3 read the predictions back), nothing is sorted or shuffled, and only
-small aggregates (label pairs, k keys) ever reach the driver.
+The sink is a Ray Data `Datasink`: each write task writes its block's predictions and its errors as Parquet
+and returns a small summary (row and correct counts, a gold x prediction count table or the F1 sum, and
+its k lowest-margin correct rows). The driver merges those summaries (one per block, never rows) into the
+metric and, when hard examples are asked for, a (margin, id) cut; a second pass over the written
+predictions then adds the correct rows under the cut. Inference runs once; nothing is sorted or shuffled.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,98 +91,112 @@ def macro_f1_from_counts(counts: dict[tuple[str, str], int], labels: list[str] |
     return {"accuracy": correct / n, "macro_f1": sum(f1s) / len(f1s), "n": n}
 
 
-# --- batch functions (run in Ray tasks, never on the driver) -------------------------------------------
+# --- per-block work (runs in Ray write tasks, never on the driver) ------------------------------------
 
-def _row_keys(batch: pa.Table) -> pa.Array:
+def _array(col) -> pa.Array:
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _row_keys(table: pa.Table) -> pa.Array:
     """A per-row tie-breaker for the hard-example order: the row id when there is one."""
-    if "id" in batch.column_names:
-        return pc.cast(batch["id"], pa.string())
-    return pa.array([""] * batch.num_rows, pa.string())
+    if "id" in table.column_names:
+        return _array(pc.cast(table["id"], pa.string()))
+    return pa.array([""] * table.num_rows, pa.string())
 
 
-def _summary_columns(batch: pa.Table, qa: bool) -> pa.Table:
-    """The few columns the aggregation needs (Ray Data then moves only these)."""
-    correct = pc.fill_null(batch["correct"], False)
-    # One struct column for the hard-example search: Ray Data passes an aggregation only its own column.
-    margin_key = pa.StructArray.from_arrays(
-        [pc.cast(batch["margin"], pa.float64()), _row_keys(batch)], names=["margin", "key"],
-        mask=pc.invert(correct),
-    )
-    cols = {"correct": correct, "margin_key": margin_key}
+def _with_kind(table: pa.Table, kind: str) -> pa.Table:
+    return table.append_column("kind", pa.array([kind] * table.num_rows, pa.string()))
+
+
+def block_summary(table: pa.Table, qa: bool, k: int) -> dict:
+    """What the driver needs from one block: counts, the metric's sufficient statistics, k hard keys."""
+    correct = _array(pc.fill_null(table["correct"], False))
+    out: dict = {"n": table.num_rows, "n_correct": int(pc.sum(correct).as_py() or 0)}
     if qa:
-        cols["f1"] = batch["f1"]
+        out["f1_sum"] = float(pc.sum(table["f1"]).as_py() or 0.0)
     else:
-        gold = pc.cast(batch["label"], pa.string())
-        pred = pc.cast(batch["prediction"], pa.string())
-        cols["pair"] = pc.binary_join_element_wise(gold, pred, _SEP)
-    return pa.table(cols)
+        gold, pred = pc.cast(table["label"], pa.string()), pc.cast(table["prediction"], pa.string())
+        vc = pc.value_counts(_array(pc.binary_join_element_wise(gold, pred, _SEP)))
+        out["confusion"] = dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
+    out["lowest"] = []
+    if k > 0:
+        cand = pa.table({"margin": pc.cast(table["margin"], pa.float64()), "key": _row_keys(table)}).filter(correct)
+        idx = pc.sort_indices(cand, sort_keys=[("margin", "ascending"), ("key", "ascending")])[:k]
+        cand = cand.take(idx)
+        out["lowest"] = list(zip(cand["margin"].to_pylist(), cand["key"].to_pylist()))
+    return out
 
 
-def _select(batch: pa.Table, hard_margin: float | None, hard_key: str | None) -> pa.Table:
-    """Errors (kind "error") and the correct rows at or below the hard-example cut (kind "hard")."""
-    correct = pc.fill_null(batch["correct"], False)
-    wrong = pc.invert(correct)
-    if hard_margin is None:
-        hard = pa.array([False] * batch.num_rows)
-    else:
-        m = batch["margin"]
-        below = pc.or_(pc.less(m, hard_margin),
-                       pc.and_(pc.equal(m, hard_margin), pc.less_equal(_row_keys(batch), hard_key)))
-        hard = pc.and_(correct, below)
-    keep = pc.or_(wrong, hard)
-    kind = pc.if_else(wrong, "error", "hard")
-    return batch.append_column("kind", kind).filter(keep)
-
-
-def _lowest_k_aggregate(k: int):
-    """A Ray Data aggregation: the k smallest (margin, key) pairs among correct rows. Each block keeps its
-    own k; partial results merge k at a time, so the driver receives k pairs whatever the set's size."""
-    from ray.data.aggregate import AggregateFnV2
-
-    class LowestK(AggregateFnV2):
-        def __init__(self):
-            super().__init__("lowest_k", zero_factory=list, on="margin_key", ignore_nulls=True)
-
-        def aggregate_block(self, block) -> list:
-            t = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
-            col = pc.drop_null(t["margin_key"].combine_chunks() if hasattr(t["margin_key"], "combine_chunks")
-                               else t["margin_key"])
-            if len(col) == 0:
-                return []
-            t = pa.table({"margin": col.field("margin"), "key": col.field("key")})
-            idx = pc.sort_indices(t, sort_keys=[("margin", "ascending"), ("key", "ascending")])
-            t = t.take(idx[:k])
-            return list(zip(t["margin"].to_pylist(), t["key"].to_pylist()))
-
-        def combine(self, acc: list, new: list) -> list:
-            return heapq.nsmallest(k, [tuple(x) for x in acc] + [tuple(x) for x in new])
-
-    return LowestK()
-
-
-def _aggregate(preds, task: Task, hard_examples: int) -> tuple[int, int, dict, tuple | None]:
-    """(rows, correct rows, task metrics, hard-example cut) in one distributed pass."""
-    from ray.data.aggregate import Count, Mean, Sum, ValueCounter
-
-    qa = task.type == "extractive_qa"
-    summary = preds.map_batches(_summary_columns, fn_kwargs={"qa": qa}, batch_format="pyarrow")
-    aggs = [Count(), Sum("correct")]
-    aggs.append(Mean("f1") if qa else ValueCounter("pair", alias_name="confusion"))
-    if hard_examples > 0:
-        aggs.append(_lowest_k_aggregate(hard_examples))
-    agg = summary.aggregate(*aggs)
-    n, n_correct = int(agg["count()"]), int(agg["sum(correct)"] or 0)
-    if qa:
+def merge_summaries(parts: list[dict], task: Task, k: int) -> tuple[int, int, dict, tuple | None]:
+    """(rows, correct rows, task metric, hard-example cut) from the per-block summaries."""
+    n = sum(p["n"] for p in parts)
+    n_correct = sum(p["n_correct"] for p in parts)
+    if task.type == "extractive_qa":
         # The predictor's QA `correct` is SQuAD exact match and `f1` its token F1 (s3ray.tasks.qa).
-        metrics = {"exact_match": n_correct / n, "f1": float(agg["mean(f1)"]), "n": n} if n else {
+        f1 = sum(p["f1_sum"] for p in parts)
+        metrics = {"exact_match": n_correct / n, "f1": f1 / n, "n": n} if n else {
             "exact_match": float("nan"), "f1": float("nan"), "n": 0}
     else:
-        conf = agg["confusion"] or {"values": [], "counts": []}
-        counts = {tuple(v.split(_SEP, 1)): int(c) for v, c in zip(conf["values"], conf["counts"])}
+        counts: dict[tuple[str, str], int] = {}
+        for p in parts:
+            for key, c in p["confusion"].items():
+                pair = tuple(key.split(_SEP, 1))
+                counts[pair] = counts.get(pair, 0) + int(c)
         metrics = macro_f1_from_counts(counts, task.labels)
-    lowest = agg.get("lowest_k") or []
-    cut = tuple(max(tuple(x) for x in lowest)) if lowest else None
-    return n, n_correct, metrics, cut
+    lowest = heapq.nsmallest(k, (tuple(x) for p in parts for x in p["lowest"])) if k > 0 else []
+    return n, n_correct, metrics, (lowest[-1] if lowest else None)
+
+
+def _below_cut(batch: pa.Table, margin: float, key: str) -> pa.Table:
+    """Correct rows at or below the (margin, id) cut, as hard examples."""
+    m = pc.cast(batch["margin"], pa.float64())
+    below = pc.or_(pc.less(m, margin), pc.and_(pc.equal(m, margin), pc.less_equal(_row_keys(batch), key)))
+    keep = pc.and_(pc.fill_null(batch["correct"], False), below)
+    return _with_kind(batch.filter(keep), "hard")
+
+
+def _prediction_sink(pred_dir: Path, err_dir: Path, qa: bool, k: int):
+    """A Ray Data Datasink writing each block's predictions and errors, returning its summary."""
+    from ray.data import Datasink
+    from ray.data.block import BlockAccessor
+
+    needed = ["prediction", "margin", "correct"] + (["f1"] if qa else ["label"])
+
+    class PredictionSink(Datasink):
+        def __init__(self):
+            self.summaries: list[dict] = []
+            self.schema: pa.Schema | None = None
+
+        def on_write_start(self, schema=None) -> None:
+            pred_dir.mkdir(parents=True, exist_ok=True)
+            err_dir.mkdir(parents=True, exist_ok=True)
+
+        def write(self, blocks, ctx) -> dict:
+            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+            tables = [t for t in tables if t.num_rows]
+            if not tables:
+                return {"n": 0, "n_correct": 0, "f1_sum": 0.0, "confusion": {}, "lowest": [], "schema": None}
+            table = pa.concat_tables(tables, promote_options="default")
+            missing = [c for c in needed if c not in table.column_names]
+            if missing:
+                raise ValueError(
+                    f"the student predictor's output lacks {missing} (got {table.column_names}); mining needs "
+                    f"the validation rows' gold column {'answer' if qa else 'label'!r}"
+                )
+            name = f"part-{uuid.uuid4().hex}.parquet"
+            pq.write_table(table, pred_dir / name)
+            errors = table.filter(pc.invert(pc.fill_null(table["correct"], False)))
+            if errors.num_rows:
+                pq.write_table(_with_kind(errors, "error"), err_dir / name)
+            return {**block_summary(table, qa, k), "schema": table.schema.serialize().to_pybytes()}
+
+        def on_write_complete(self, write_result) -> None:
+            self.summaries = list(write_result.write_returns)
+            for s in self.summaries:
+                if s.get("schema") and self.schema is None:
+                    self.schema = pa.ipc.read_schema(pa.py_buffer(s["schema"]))
+
+    return PredictionSink()
 
 
 # --- Ray placement -------------------------------------------------------------------------------------
@@ -258,35 +272,25 @@ def mine_errors(
         **_cpu_thread_env(use_gpu, mining_cfg.concurrency),
     )
     log.info("mining errors: %s over %s", checkpoint, validation_path)
-    ds.write_parquet(str(pred_dir))
+    qa, k = task.type == "extractive_qa", mining_cfg.hard_examples
+    sink = _prediction_sink(pred_dir, err_dir, qa, k)
+    ds.write_datasink(sink)
+    n_rows, n_correct, metrics, cut = merge_summaries(sink.summaries, task, k)
     t_pred = time.perf_counter() - t0
 
-    # 2. Counts, metric and the hard-example cut, from the written predictions.
-    preds = ray.data.read_parquet(str(pred_dir))
-    schema = preds.schema().base_schema
-    needed = ["correct", "margin", "prediction"] + (["f1"] if task.type == "extractive_qa" else ["label"])
-    missing = [c for c in needed if c not in schema.names]
-    if missing:
-        gold = "answer" if task.type == "extractive_qa" else "label"
-        raise ValueError(
-            f"{predictor_cls.__name__} returned no {missing} columns (got {schema.names}); the validation "
-            f"rows need their gold column {gold!r}"
+    n_hard = 0
+    if cut is not None:
+        # Second pass, only for hard examples: the correct rows under the global (margin, id) cut.
+        hard = ray.data.read_parquet(str(pred_dir)).map_batches(
+            _below_cut, fn_kwargs={"margin": cut[0], "key": cut[1]}, batch_format="pyarrow"
         )
-    n_rows, n_correct, metrics, cut = _aggregate(preds, task, mining_cfg.hard_examples)
-    t_agg = time.perf_counter() - t0 - t_pred
-
-    # 3. Errors and hard examples, one filter pass.
-    errors = preds.map_batches(
-        _select,
-        fn_kwargs={"hard_margin": cut[0] if cut else None, "hard_key": cut[1] if cut else None},
-        batch_format="pyarrow",
-    )
-    errors.write_parquet(str(err_dir))
-    _ensure_schema_file(err_dir, schema.append(pa.field("kind", pa.string())))
-    n_hard = min(mining_cfg.hard_examples, n_correct)
-    if cut and "id" not in schema.names:
-        # Without ids, rows tied at the cut's margin are all kept: count what was written.
-        n_hard = ray.data.read_parquet(str(err_dir)).filter(expr="kind == 'hard'").count()
+        hard.write_parquet(str(err_dir))
+        n_hard = min(k, n_correct)
+        if sink.schema is not None and "id" not in sink.schema.names:
+            # Without ids, rows tied at the cut's margin are all kept: count what was written.
+            n_hard = ray.data.read_parquet(str(err_dir)).filter(expr="kind == 'hard'").count()
+    if sink.schema is not None:
+        _ensure_schema_file(err_dir, sink.schema.append(pa.field("kind", pa.string())))
 
     result = MiningResult(
         errors_path=str(err_dir),
@@ -298,8 +302,7 @@ def mine_errors(
         seconds=time.perf_counter() - t0,
     )
     log.info(
-        "mined %d errors (+%d hard) of %d rows in %.1fs (predict %.1fs, aggregate %.1fs, errors %.1fs); %s",
-        result.n_errors, result.n_hard, result.n_rows, result.seconds, t_pred, t_agg,
-        result.seconds - t_pred - t_agg, metrics,
+        "mined %d errors (+%d hard) of %d rows in %.1fs (predict %.1fs, hard examples %.1fs); %s",
+        result.n_errors, result.n_hard, result.n_rows, result.seconds, t_pred, result.seconds - t_pred, metrics,
     )
     return result

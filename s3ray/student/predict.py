@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from s3ray.student.checkpoint import HEAD_FILE, read_meta
 from s3ray.student.features import MAX_ANSWER_TOKENS, encode_qa, encode_texts
-from s3ray.student.squad import exact_match, token_f1
+from s3ray.tasks.qa import exact_match, token_f1
 
 
 def _to(batch, device) -> dict:

@@ -62,7 +62,15 @@ def _cpus_per_worker(cfg: StudentConfig) -> int:
     cores when the cluster is just this machine."""
     import ray
 
-    avail = ray.available_resources().get("CPU", 1.0)
+    avail = ray.available_resources().get("CPU", 0.0)
+    if avail < cfg.num_workers:
+        log.warning(
+            "student: %d worker(s) need %d CPUs but Ray has %.1f free (teacher replicas still up?); "
+            "Ray Train waits for them",
+            cfg.num_workers,
+            cfg.num_workers,
+            avail,
+        )
     if len([n for n in ray.nodes() if n.get("Alive")]) == 1:
         avail = min(avail, os.cpu_count() or 1)
     return max(1, int(avail // cfg.num_workers))
