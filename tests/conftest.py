@@ -19,7 +19,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("S3RAY_CACHE", str(_SESSION_TMP / "s3ray-cache"))
 
-from s3ray.runtime import set_cache_dirs  # noqa: E402
+from s3ray.runtime import set_cache_dirs
 
 set_cache_dirs(_SESSION_TMP / "caches")
 

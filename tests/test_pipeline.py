@@ -91,14 +91,14 @@ def test_full_round_pause_crash_resume(tmp_path, ray_local, tiny_teacher_dir, ti
 
 
 def test_cli_help_and_clear_errors(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "s3ray.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "s3ray.cli", "--help"], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "--resume" in out.stdout + subprocess.run(
-        [sys.executable, "-m", "s3ray.cli", "run", "--help"], capture_output=True, text=True).stdout
+        [sys.executable, "-m", "s3ray.cli", "run", "--help"], capture_output=True, text=True, check=False).stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {validation: data/sst2/validation.jsonl}\nteacher: {engine: vlm}\n")
-    out = subprocess.run([sys.executable, "-m", "s3ray.cli", "run", str(bad)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "s3ray.cli", "run", str(bad)], capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "teacher.engine" in out.stderr and "Traceback" not in out.stderr
     missing = tmp_path / "missing.yaml"
     missing.write_text(f"data: {{validation: {tmp_path}/nope.jsonl}}\nteacher: {{model: {tmp_path}/x}}\n")
-    out = subprocess.run([sys.executable, "-m", "s3ray.cli", "validate", str(missing)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "s3ray.cli", "validate", str(missing)], capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "nope.jsonl" in out.stderr

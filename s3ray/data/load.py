@@ -103,7 +103,7 @@ def load_rows(
     if missing:
         raise DataError(
             f"data.{split} ({path}): columns {missing} are missing; found {sorted(rows[0])}. "
-            f"Rename columns with task.field_map, e.g. field_map: {{{sorted(rows[0])[0]}: {missing[0]}}}"
+            f"Rename columns with task.field_map, e.g. field_map: {{{min(rows[0])}: {missing[0]}}}"
         )
     problems = []
     out = []

@@ -143,8 +143,8 @@ def _markdown(rep: dict) -> str:
         lines.append(f"| {c['method']}{note} | {_fmt(c['train_rows'], False)} | {_fmt(c['val'])} | {_fmt(c['test'])} |")
     lines += [
         "",
-        "The validation set picks each S3 student's best epoch and supplies the errors, so its numbers are optimistic;"
-        " read the test column.",
+        ("The validation set picks each S3 student's best epoch and supplies the errors, so its numbers are optimistic;"
+        " read the test column."),
         "",
         "## Rounds",
         "",

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from s3ray.config import S3Config
@@ -120,6 +121,108 @@ def _timed(run: RunDir, step: str, fn, stop_after: str | None = None):
     return result
 
 
+class S3Steps:
+    """The loop's steps as plain methods over one run's context; `run_s3` orders and records them."""
+
+    def __init__(self, cfg: S3Config, inputs: RunInputs, run: RunDir, teacher: _LazyTeacher):
+        self.cfg, self.inputs, self.run, self.teacher = cfg, inputs, run, teacher
+        self.task, self.syn, self.seed = inputs.task, cfg.synthesis, cfg.run.seed
+        # Real data as Parquet: Ray Data streams validation inference from it.
+        self.val_path = run.write_parquet("data/validation.parquet", _real_table(inputs.validation))
+        if inputs.test:
+            run.write_parquet("data/test.parquet", _real_table(inputs.test))
+
+    def rows(self, files: list[str]) -> list[dict]:
+        return [row for f in files for row in self.run.read_parquet(f)]
+
+    def new_dedup(self, rows_so_far: list[dict]) -> Deduplicator:
+        """Synthetic rows must differ from each other and must not copy a real validation/test row."""
+        d = Deduplicator(self.syn.near_duplicate_threshold)
+        d.protect(self.task.dedup_text(r) for r in self.inputs.validation + (self.inputs.test or []))
+        for r in rows_so_far:
+            d.add(self.task.dedup_text(r))
+        return d
+
+    def _synthesize(self, planned, rows_so_far, rel: str, desc: str) -> dict:
+        results = self.teacher.generate(planned, desc)
+        rows, stats = collect_examples(planned, results, self.task, self.new_dedup(rows_so_far),
+                                       self.teacher.model_name)
+        if not rows and rel.endswith("round_0.parquet"):
+            raise RuntimeError(
+                f"seed synthesis kept no rows out of {stats.requested} requests (dropped: {dict(stats.dropped)}, "
+                f"failed calls: {stats.failed_calls}); check the teacher model and prompts"
+            )
+        self.run.write_parquet(rel, rows_to_table(rows, self.task))
+        log.info("%s: kept %d of %d (%s)", desc, stats.kept, stats.requested, dict(stats.dropped) or "no drops")
+        return {"path": rel, "rows": len(rows), "stats": stats.to_dict()}
+
+    # Step 1
+    def write_rationales(self) -> dict:
+        planned = plan_rationales(self.task, self.syn.num_rationales, self.cfg.teacher.sampling, self.seed)
+        got, stats = collect_rationales(planned, self.teacher.generate(planned, "rationales"), self.task,
+                                        self.syn.num_rationales)
+        empty = [lab for lab, rs in got.items() if not rs]
+        if empty:
+            log.warning("no usable rationales for labels %s: their seed prompts go without", empty)
+        return {"rationales": got, "stats": stats.to_dict()}
+
+    # Step 2
+    def synthesize_seed(self, rationales: dict[str, list[str]]) -> dict:
+        planned = plan_seed(self.task, self.syn.seed_examples, rationales, self.syn.rationales_per_example,
+                            self.inputs.contexts, self.cfg.teacher.sampling, self.seed)
+        return self._synthesize(planned, [], "rounds/round_0.parquet", "seed synthesis")
+
+    # Step 3 (and every baseline student)
+    def train(self, rows: list[dict], val_rows: list[dict], name: str) -> dict:
+        from s3ray.student import evaluate_student, train_student
+
+        res = train_student(rows, val_rows, self.task, self.cfg.student, self.inputs.student_path,
+                            self.run.path / "students" / name, seed=self.seed, desc=f"student {name}")
+        out = {"checkpoint": res.checkpoint, "best_epoch": res.best_epoch, "val": res.val_metrics,
+               "history": res.history, "n_train": res.n_train, "train_seconds": res.train_seconds}
+        if self.inputs.test:
+            out["test"] = evaluate_student(res.checkpoint, self.inputs.test, self.task, self.cfg.student)
+        return out
+
+    # Step 4
+    def mine_errors(self, checkpoint: str, round_: int) -> dict:
+        from s3ray.mining import mine_errors
+
+        res = mine_errors(checkpoint, self.val_path, self.task, self.cfg.student, self.cfg.mining,
+                          self.run.path / "mining" / f"round{round_}")
+        return {"errors_path": res.errors_path, "n_rows": res.n_rows, "n_errors": res.n_errors,
+                "n_hard": res.n_hard, "metrics": res.metrics}
+
+    # Step 5
+    def extrapolate_errors(self, mined: dict, rows_so_far: list[dict], round_: int) -> dict:
+        import pyarrow.parquet as pq
+
+        errors = pq.read_table(mined["errors_path"]).to_pylist()
+        errors.sort(key=lambda e: str(e["id"]))  # stable order -> stable request ids
+        if self.syn.max_ees_per_round:
+            errors = errors[: self.syn.max_ees_per_round]
+        planned = plan_ees(self.task, errors, self.syn.ees_per_error, round_, self.cfg.teacher.sampling, self.seed)
+        return self._synthesize(planned, rows_so_far, f"rounds/round_{round_}.parquet",
+                                f"error extrapolation {round_}")
+
+    # Equal-budget baseline
+    def synthesize_extra_seed(self, rationales: dict[str, list[str]], target: int) -> dict:
+        return _extra_seed(self.cfg, self.task, self.run, self.teacher, rationales, self.inputs, self.new_dedup,
+                           target)
+
+    def train_equal_budget(self) -> dict:
+        rows = self.rows(["rounds/round_0.parquet", "baseline/extra_seed.parquet"])
+        target = self.run.result("baseline/equal_budget/synthesis")["target"]
+        return self.train(rows[:target], self.inputs.validation, "equal_budget")
+
+    # Real-data baseline: its epoch is picked on held-out validation rows, never on test.
+    def train_real_validation(self) -> dict:
+        tr, hold = split_holdout(self.inputs.validation, self.cfg.baselines.real_holdout_fraction, self.seed)
+        out = self.train(tr, hold, "real_validation")
+        out["holdout_rows"] = len(hold)
+        return out
+
+
 def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
            stop_after: str | None = None) -> dict:
     """Run (or resume) the whole S3 loop and its baselines; returns the report dict.
@@ -129,127 +232,44 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
     """
     from s3ray.pipeline.report import write_report
     from s3ray.runtime import init_ray, set_cache_dirs
-    from s3ray.student import evaluate_student, train_student
-    from s3ray.mining import mine_errors
 
     inputs = inputs or prepare_inputs(cfg)
-    task, syn, seed = inputs.task, cfg.synthesis, cfg.run.seed
-
-    def step(name, fn):
-        return _timed(run, name, fn, stop_after)
-
     run = RunDir(cfg.run.output_dir, cfg.model_dump(mode="json"), resume)
     set_cache_dirs(run.path / "cache")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     teacher = _LazyTeacher(cfg, inputs.teacher_path, run.path / "teacher_cache.sqlite")
-
-    # Real data as Parquet: Ray Data streams validation inference from it.
-    val_path = run.write_parquet("data/validation.parquet", _real_table(inputs.validation))
-    if inputs.test:
-        run.write_parquet("data/test.parquet", _real_table(inputs.test))
-
-    def new_dedup(rows_so_far: list[dict]) -> Deduplicator:
-        d = Deduplicator(syn.near_duplicate_threshold)
-        d.protect(task.dedup_text(r) for r in inputs.validation + (inputs.test or []))
-        for r in rows_so_far:
-            d.add(task.dedup_text(r))
-        return d
-
-    def synthesize(planned, rows_so_far, rel: str, desc: str) -> dict:
-        results = teacher.generate(planned, desc)
-        rows, stats = collect_examples(planned, results, task, new_dedup(rows_so_far), teacher.model_name)
-        if not rows and rel.endswith("round_0.parquet"):
-            raise RuntimeError(
-                f"seed synthesis kept no rows out of {stats.requested} requests (dropped: {dict(stats.dropped)}, "
-                f"failed calls: {stats.failed_calls}); check the teacher model and prompts"
-            )
-        run.write_parquet(rel, rows_to_table(rows, task))
-        log.info("%s: kept %d of %d (%s)", desc, stats.kept, stats.requested, dict(stats.dropped) or "no drops")
-        return {"path": rel, "rows": len(rows), "stats": stats.to_dict()}
-
-    def train(rows, val_rows, name: str) -> dict:
-        res = train_student(rows, val_rows, task, cfg.student, inputs.student_path, run.path / "students" / name,
-                            seed=seed, desc=f"student {name}")
-        out = {"checkpoint": res.checkpoint, "best_epoch": res.best_epoch, "val": res.val_metrics,
-               "history": res.history, "n_train": res.n_train, "train_seconds": res.train_seconds}
-        if inputs.test:
-            out["test"] = evaluate_student(res.checkpoint, inputs.test, task, cfg.student)
-        return out
-
+    s3 = S3Steps(cfg, inputs, run, teacher)
+    step = partial(_timed, run, stop_after=stop_after)
+    rounds = cfg.synthesis.rounds
     try:
-        # Step 1: rationales (classification by default; the paper skips them for pair/QA).
         rationales: dict[str, list[str]] = {}
-        if cfg.uses_rationales and task.labels:
-            def _rationales():
-                planned = plan_rationales(task, syn.num_rationales, cfg.teacher.sampling, seed)
-                got, stats = collect_rationales(planned, teacher.generate(planned, "rationales"), task,
-                                                syn.num_rationales)
-                empty = [lab for lab, rs in got.items() if not rs]
-                if empty:
-                    log.warning("no usable rationales for labels %s: their seed prompts go without", empty)
-                return {"rationales": got, "stats": stats.to_dict()}
-            rationales = step("rationales", _rationales)["rationales"]
-
-        # Step 2: seed synthesis.
-        def _seed():
-            planned = plan_seed(task, syn.seed_examples, rationales, syn.rationales_per_example,
-                                inputs.contexts, cfg.teacher.sampling, seed)
-            return synthesize(planned, [], "rounds/round_0.parquet", "seed synthesis")
-        step("round0/synthesis", _seed)
+        if cfg.uses_rationales and inputs.task.labels:
+            rationales = step("rationales", s3.write_rationales)["rationales"]
+        step("round0/synthesis", partial(s3.synthesize_seed, rationales))
         round_files = ["rounds/round_0.parquet"]
 
-        # Steps 3-6: train, mine errors, extrapolate; R rounds.
-        for r in range(syn.rounds + 1):
-            rows = [row for f in round_files for row in run.read_parquet(f)]
-            if r < syn.rounds:
-                student = step(f"round{r}/train", lambda: train(rows, inputs.validation, f"round{r}"))
+        for r in range(rounds):
+            rows = s3.rows(round_files)
+            student = step(f"round{r}/train", partial(s3.train, rows, inputs.validation, f"round{r}"))
+            mined = step(f"round{r}/mine", partial(s3.mine_errors, student["checkpoint"], r))
+            step(f"round{r + 1}/synthesis", partial(s3.extrapolate_errors, mined, rows, r + 1))
+            round_files.append(f"rounds/round_{r + 1}.parquet")
 
-                def _mine():
-                    res = mine_errors(student["checkpoint"], val_path, task, cfg.student, cfg.mining,
-                                      run.path / "mining" / f"round{r}")
-                    return {"errors_path": res.errors_path, "n_rows": res.n_rows, "n_errors": res.n_errors,
-                            "n_hard": res.n_hard, "metrics": res.metrics}
-                mined = step(f"round{r}/mine", _mine)
-
-                def _ees():
-                    import pyarrow.parquet as pq
-
-                    errors = pq.read_table(mined["errors_path"]).to_pylist()
-                    errors.sort(key=lambda e: str(e["id"]))  # stable order -> stable request ids
-                    if syn.max_ees_per_round:
-                        errors = errors[: syn.max_ees_per_round]
-                    planned = plan_ees(task, errors, syn.ees_per_error, r + 1, cfg.teacher.sampling, seed)
-                    return synthesize(planned, rows, f"rounds/round_{r + 1}.parquet", f"error extrapolation {r + 1}")
-                step(f"round{r + 1}/synthesis", _ees)
-                round_files.append(f"rounds/round_{r + 1}.parquet")
-            else:
-                final_rows = rows
-                run.write_parquet("final/train.parquet", rows_to_table(final_rows, task))
-                # Equal-budget baseline's extra seed rows are generated before the teacher is released.
-                if cfg.baselines.equal_budget:
-                    step("baseline/equal_budget/synthesis",
-                           lambda: _extra_seed(cfg, task, run, teacher, rationales, inputs, new_dedup, len(final_rows)))
-                teacher.close()
-                step(f"round{r}/train", lambda: train(final_rows, inputs.validation, f"round{r}"))
+        final_rows = s3.rows(round_files)
+        run.write_parquet("final/train.parquet", rows_to_table(final_rows, inputs.task))
+        if cfg.baselines.equal_budget:  # its extra seed rows need the teacher: generate them before release
+            step("baseline/equal_budget/synthesis", partial(s3.synthesize_extra_seed, rationales, len(final_rows)))
+        teacher.close()
+        step(f"round{rounds}/train", partial(s3.train, final_rows, inputs.validation, f"round{rounds}"))
 
         if cfg.baselines.equal_budget:
-            def _eq():
-                eq_rows = run.read_parquet("rounds/round_0.parquet") + run.read_parquet("baseline/extra_seed.parquet")
-                target = run.result("baseline/equal_budget/synthesis")["target"]
-                return train(eq_rows[:target], inputs.validation, "equal_budget")
-            step("baseline/equal_budget/train", _eq)
+            step("baseline/equal_budget/train", s3.train_equal_budget)
         if cfg.baselines.real_validation:
-            def _real():
-                tr, hold = split_holdout(inputs.validation, cfg.baselines.real_holdout_fraction, seed)
-                out = train(tr, hold, "real_validation")
-                out["holdout_rows"] = len(hold)
-                return out
-            step("baseline/real_validation/train", _real)
+            step("baseline/real_validation/train", s3.train_real_validation)
     except StopRun as stop:
         log.info("stopped after %s as asked; continue with --resume", stop)
     finally:
         teacher.close()
-
     return write_report(run, cfg)
 
 

@@ -10,11 +10,11 @@ __all__ = ["ParseError", "Task", "make_task"]
 
 def make_task(task_cfg, labels: list[str] | None, synthesis_cfg=None) -> Task:
     """Build the task for `task_cfg.type` with resolved label names."""
-    kw = dict(
-        labels=labels,
-        description=task_cfg.description,
-        label_descriptions=dict(task_cfg.label_descriptions),
-    )
+    kw = {
+        "labels": labels,
+        "description": task_cfg.description,
+        "label_descriptions": dict(task_cfg.label_descriptions),
+    }
     if synthesis_cfg is not None:
         kw.update(min_chars=synthesis_cfg.min_chars, max_chars=synthesis_cfg.max_chars)
     if task_cfg.type == "classification":

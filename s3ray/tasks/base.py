@@ -99,9 +99,8 @@ class Task:
             v = row.get(f)
             if not isinstance(v, str) or not v.strip():
                 return f"field {f!r} is missing or empty"
-        if self.labels is not None:
-            if row.get("label") not in self.labels:
-                return f"label {row.get('label')!r} is not one of {self.labels}"
+        if self.labels is not None and row.get("label") not in self.labels:
+            return f"label {row.get('label')!r} is not one of {self.labels}"
         return None
 
     # --- prompts ------------------------------------------------------------------------------
