@@ -77,33 +77,6 @@ def prepare_inputs(cfg: S3Config, resolve_models: bool = True) -> RunInputs:
     return RunInputs(task, val, test, contexts, teacher_path, student_path)
 
 
-class _LazyTeacher:
-    """Starts the teacher pool on first use: a resumed run whose synthesis is done never loads it."""
-
-    def __init__(self, cfg: S3Config, model_path: str, cache_path: Path):
-        self.cfg, self.model_path, self.cache_path = cfg, model_path, cache_path
-        self.pool = None
-
-    def generate(self, planned, desc):
-        if self.pool is None:
-            from s3ray.teacher.pool import TeacherPool
-
-            log.info("starting teacher: %s (%s, %d replica(s))", self.cfg.teacher.model, self.cfg.teacher.engine,
-                     self.cfg.teacher.replicas)
-            self.pool = TeacherPool(self.cfg.teacher, self.model_path, run_seed=self.cfg.run.seed,
-                                    cache_path=self.cache_path, model_name=self.cfg.teacher.model)
-        return self.pool.generate([p.request for p in planned], desc=desc)
-
-    @property
-    def model_name(self) -> str:
-        return self.cfg.teacher.model
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
-
-
 class StopRun(Exception):
     """Raised after the step named by `stop_after` finished (a planned pause; resume continues)."""
 
@@ -124,13 +97,16 @@ def _timed(run: RunDir, step: str, fn, stop_after: str | None = None):
 class S3Steps:
     """The loop's steps as plain methods over one run's context; `run_s3` orders and records them."""
 
-    def __init__(self, cfg: S3Config, inputs: RunInputs, run: RunDir, teacher: _LazyTeacher):
+    def __init__(self, cfg: S3Config, inputs: RunInputs, run: RunDir, teacher):
         self.cfg, self.inputs, self.run, self.teacher = cfg, inputs, run, teacher
         self.task, self.syn, self.seed = inputs.task, cfg.synthesis, cfg.run.seed
         # Real data as Parquet: Ray Data streams validation inference from it.
         self.val_path = run.write_parquet("data/validation.parquet", _real_table(inputs.validation))
         if inputs.test:
             run.write_parquet("data/test.parquet", _real_table(inputs.test))
+
+    def generate(self, planned, desc: str):
+        return self.teacher.generate([p.request for p in planned], desc=desc)
 
     def rows(self, files: list[str]) -> list[dict]:
         return [row for f in files for row in self.run.read_parquet(f)]
@@ -144,9 +120,8 @@ class S3Steps:
         return d
 
     def _synthesize(self, planned, rows_so_far, rel: str, desc: str) -> dict:
-        results = self.teacher.generate(planned, desc)
-        rows, stats = collect_examples(planned, results, self.task, self.new_dedup(rows_so_far),
-                                       self.teacher.model_name)
+        rows, stats = collect_examples(planned, self.generate(planned, desc), self.task,
+                                       self.new_dedup(rows_so_far), self.teacher.model_name)
         if not rows and rel.endswith("round_0.parquet"):
             raise RuntimeError(
                 f"seed synthesis kept no rows out of {stats.requested} requests (dropped: {dict(stats.dropped)}, "
@@ -159,7 +134,7 @@ class S3Steps:
     # Step 1
     def write_rationales(self) -> dict:
         planned = plan_rationales(self.task, self.syn.num_rationales, self.cfg.teacher.sampling, self.seed)
-        got, stats = collect_rationales(planned, self.teacher.generate(planned, "rationales"), self.task,
+        got, stats = collect_rationales(planned, self.generate(planned, "rationales"), self.task,
                                         self.syn.num_rationales)
         empty = [lab for lab, rs in got.items() if not rs]
         if empty:
@@ -207,8 +182,30 @@ class S3Steps:
 
     # Equal-budget baseline
     def synthesize_extra_seed(self, rationales: dict[str, list[str]], target: int) -> dict:
-        return _extra_seed(self.cfg, self.task, self.run, self.teacher, rationales, self.inputs, self.new_dedup,
-                           target)
+        """More seed rows (same prompts, continued numbering) until seed + extra == the final S3 set size."""
+        seed_rows = self.run.read_parquet("rounds/round_0.parquet")
+        dedup = self.new_dedup(seed_rows)  # a seed-only run never saw the EES rows
+        have, extra, total = len(seed_rows), [], SynthesisStats()
+        start = self.syn.seed_examples
+        for _attempt in range(5):
+            need = target - have - len(extra)
+            if need <= 0:
+                break
+            kept, asked = total.kept or len(seed_rows), total.requested or self.syn.seed_examples
+            n = math.ceil(need / max(0.2, kept / max(1, asked)) * 1.15) + 2  # expected drops, plus a margin
+            planned = plan_seed(self.task, n, rationales, self.syn.rationales_per_example, self.inputs.contexts,
+                                self.cfg.teacher.sampling, self.seed, start=start)
+            start += n
+            rows, stats = collect_examples(planned, self.generate(planned, "equal-budget seed"), self.task, dedup,
+                                           self.teacher.model_name)
+            total.add(stats)
+            extra.extend(rows)
+        extra = extra[: max(0, target - have)]
+        self.run.write_parquet("baseline/extra_seed.parquet", rows_to_table(extra, self.task))
+        if have + len(extra) < target:
+            log.warning("equal-budget baseline: only %d of %d seed rows after 5 attempts", have + len(extra), target)
+        return {"path": "baseline/extra_seed.parquet", "rows": len(extra), "target": min(target, have + len(extra)),
+                "stats": total.to_dict()}
 
     def train_equal_budget(self) -> dict:
         rows = self.rows(["rounds/round_0.parquet", "baseline/extra_seed.parquet"])
@@ -237,7 +234,12 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
     run = RunDir(cfg.run.output_dir, cfg.model_dump(mode="json"), resume)
     set_cache_dirs(run.path / "cache")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    teacher = _LazyTeacher(cfg, inputs.teacher_path, run.path / "teacher_cache.sqlite")
+    from s3ray.teacher.pool import TeacherPool
+
+    # Replicas start at the first request the generation cache can't answer.
+    teacher = TeacherPool(cfg.teacher, inputs.teacher_path, run_seed=cfg.run.seed,
+                          cache_path=run.path / "teacher_cache.sqlite", model_name=cfg.teacher.model,
+                          lazy_start=True)
     s3 = S3Steps(cfg, inputs, run, teacher)
     step = partial(_timed, run, stop_after=stop_after)
     rounds = cfg.synthesis.rounds
@@ -259,7 +261,7 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
         run.write_parquet("final/train.parquet", rows_to_table(final_rows, inputs.task))
         if cfg.baselines.equal_budget:  # its extra seed rows need the teacher: generate them before release
             step("baseline/equal_budget/synthesis", partial(s3.synthesize_extra_seed, rationales, len(final_rows)))
-        teacher.close()
+        teacher.shutdown()  # frees its CPUs/GPUs for the students
         step(f"round{rounds}/train", partial(s3.train, final_rows, inputs.validation, f"round{rounds}"))
 
         if cfg.baselines.equal_budget:
@@ -269,7 +271,7 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
     except StopRun as stop:
         log.info("stopped after %s as asked; continue with --resume", stop)
     finally:
-        teacher.close()
+        teacher.shutdown()
     return write_report(run, cfg)
 
 
@@ -277,32 +279,3 @@ def _real_table(rows: list[dict]):
     import pyarrow as pa
 
     return pa.Table.from_pylist(rows)
-
-
-def _extra_seed(cfg, task, run, teacher, rationales, inputs, new_dedup, target: int) -> dict:
-    """More seed rows (same prompts, continued numbering) until seed + extra == the final S3 set size."""
-    syn = cfg.synthesis
-    seed_rows = run.read_parquet("rounds/round_0.parquet")
-    dedup = new_dedup(seed_rows)  # a seed-only run never saw the EES rows
-    have, extra, total = len(seed_rows), [], SynthesisStats()
-    start = syn.seed_examples
-    for _attempt in range(5):
-        need = target - have - len(extra)
-        if need <= 0:
-            break
-        keep_rate = max(0.2, (total.kept or run.result("round0/synthesis")["rows"]) /
-                        max(1, total.requested or syn.seed_examples))
-        n = math.ceil(need / keep_rate * 1.15) + 2
-        planned = plan_seed(task, n, rationales, syn.rationales_per_example, inputs.contexts,
-                            cfg.teacher.sampling, cfg.run.seed, start=start)
-        start += n
-        rows, stats = collect_examples(planned, teacher.generate(planned, "equal-budget seed"), task, dedup,
-                                       teacher.model_name)
-        total.add(stats)
-        extra.extend(rows)
-    extra = extra[: max(0, target - have)]
-    run.write_parquet("baseline/extra_seed.parquet", rows_to_table(extra, task))
-    if have + len(extra) < target:
-        log.warning("equal-budget baseline: only %d of %d seed rows after 5 attempts", have + len(extra), target)
-    return {"path": "baseline/extra_seed.parquet", "rows": len(extra), "target": min(target, have + len(extra)),
-            "stats": total.to_dict()}

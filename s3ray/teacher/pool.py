@@ -107,7 +107,10 @@ class TeacherPool:
         cache_path: str | Path | None = None,
         model_name: str | None = None,
         chunk_size: int | None = None,
+        lazy_start: bool = False,
     ) -> None:
+        """`lazy_start`: start the replicas at the first request the cache can't answer (a resumed run whose
+        generation is finished then never loads the model)."""
         self.cfg = cfg
         self.model_path = str(model_path)
         self.run_seed = run_seed
@@ -128,7 +131,7 @@ class TeacherPool:
             from s3ray.teacher.engines import make_engine
 
             self._local_engine = make_engine(cfg, self.model_path, derive_seed(run_seed, "replica", 0))
-        else:
+        elif not lazy_start:
             self._start_replicas()
 
     # ------------------------------------------------------------------------------------ replicas
@@ -267,6 +270,8 @@ class TeacherPool:
                 if self._local_engine is not None:
                     self._run_local(todo, by_id, bar)
                 else:
+                    if not self._slots:
+                        self._start_replicas()
                     self._run_replicas(todo, by_id, bar)
         out = [by_id[r.request_id] for r in requests]
         self._stats["requests"] += len(requests)
