@@ -201,6 +201,10 @@ class S3Steps:
             total.add(stats)
             extra.extend(rows)
         extra = extra[: max(0, target - have)]
+        surplus = total.kept - len(extra)  # the last batch overshoots; say so instead of reporting it as kept
+        if surplus > 0:
+            total.dropped["beyond_equal_budget"] += surplus
+            total.kept = len(extra)
         self.run.write_parquet("baseline/extra_seed.parquet", rows_to_table(extra, self.task))
         if have + len(extra) < target:
             log.warning("equal-budget baseline: only %d of %d seed rows after 5 attempts", have + len(extra), target)
