@@ -59,6 +59,12 @@ class TaskConfig(_Strict):
         "s3ray names: text, label (classification); text_a, text_b, label (pair); "
         "context, question, answer, answer_start (extractive_qa).",
     )
+    qa_answers: Literal["picked", "teacher"] = Field(
+        "picked",
+        description="extractive_qa seed synthesis: who chooses the answer span. picked: s3ray picks a name, "
+        "number or noun phrase of the paragraph and the teacher writes only the question (works with small "
+        "teachers); teacher: the teacher replies 'Answer: ...' and 'Question: ...' (strong teachers).",
+    )
 
 
 class DataConfig(_Strict):

@@ -5,7 +5,7 @@ import pytest
 from s3ray.config import SamplingConfig
 from s3ray.synthesis.collect import collect_examples, collect_rationales, rows_to_table
 from s3ray.synthesis.dedup import Deduplicator
-from s3ray.synthesis.plan import plan_ees, plan_rationales, plan_seed
+from s3ray.synthesis.plan import cap_errors, plan_ees, plan_rationales, plan_seed
 from s3ray.tasks.base import ParseError, clean_generation, parse_list
 from s3ray.tasks.classification import ClassificationTask
 from s3ray.teacher.types import GenerationResult
@@ -99,6 +99,17 @@ def test_ees_plan_keeps_gold_label_and_parent():
     planned = plan_ees(TASK, errs, 2, 1, SAMPLING, run_seed=0)
     assert [p.request.request_id for p in planned] == ["ees/round1/v9/0", "ees/round1/v9/1"]
     assert all(p.label == "positive" and p.parent_error_id == "v9" and p.round == 1 for p in planned)
+
+
+def test_capped_errors_are_a_seeded_sample_in_id_order():
+    errors = [{"id": f"v{i:03d}", "label": "positive"} for i in range(100)][::-1]
+    assert [e["id"] for e in cap_errors(errors, None, 0, 1)] == [f"v{i:03d}" for i in range(100)]
+    assert len(cap_errors(errors, 500, 0, 1)) == 100
+    picked = [e["id"] for e in cap_errors(errors, 20, 0, 1)]
+    assert len(picked) == 20 and picked == sorted(picked)
+    assert picked == [e["id"] for e in cap_errors(list(reversed(errors)), 20, 0, 1)]  # input order is irrelevant
+    assert picked != [f"v{i:03d}" for i in range(20)]  # not simply the first ids
+    assert picked != [e["id"] for e in cap_errors(errors, 20, 0, 2)]  # each round draws its own sample
 
 
 def test_collect_counts_every_drop_and_keeps_provenance():

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import collections
 import json
+import random
 from pathlib import Path
 
 import pytest
 
 from s3ray.config import TaskConfig
 from s3ray.tasks import ParseError, make_task
+from s3ray.tasks.answer_spans import MAX_SPAN_WORDS, candidate_spans, sentence_around
 from s3ray.tasks.pair import PairTask
 from s3ray.tasks.qa import ExtractiveQATask, exact_match, find_span, normalize_answer, token_f1
 
@@ -171,20 +173,138 @@ def test_qa_metrics(qa):
     assert m["f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
 
 
-# --- QA: prompts, parsing and spans --------------------------------------------------------------------
+# --- QA: answer spans picked in code ----------------------------------------------------------------
 
-def test_qa_seed_and_ees_prompts_keep_the_paragraph(qa):
-    seed = _user(qa.seed_messages(label=None, rationales=[], context={"context": PARAGRAPH}))
-    assert PARAGRAPH in seed and "Answer:" in seed and "Question:" in seed
-    err = {"context": PARAGRAPH, "question": "Where is the Hoppings funfair held?", "answer": "Town Moor"}
-    ees = _user(qa.ees_messages(err))
-    assert PARAGRAPH in ees and "Where is the Hoppings funfair held?" in ees and "Town Moor" in ees
+def _adqa_rows(n: int | None = None) -> list[dict]:
+    import gzip
+
+    with gzip.open(REPO / "data" / "adqa" / "validation.jsonl.gz", "rt") as f:
+        return [json.loads(line) for line in f][:n]
+
+
+def test_candidate_spans_are_names_numbers_and_noun_phrases():
+    spans = {s.text: s for s in candidate_spans(PARAGRAPH)}
+    assert spans["Town Moor"].kind == "name" and spans["Newcastle"].kind == "name"
+    assert spans["June"].kind == "number"  # a month on its own is a date answer
+    assert "largest travelling funfair" in spans and spans["largest travelling funfair"].kind == "noun_phrase"
+    assert "Another" not in spans and "The Hoppings" not in spans  # sentence openers are not names
+    for s in spans.values():
+        assert PARAGRAPH[s.start: s.start + len(s.text)] == s.text
+    dates = {s.text for s in candidate_spans("Kenya became independent on 12 December 1963, for £41,004.")}
+    assert {"12 December 1963", "£41,004"} <= dates
+
+
+def test_every_real_paragraph_has_exact_candidate_spans():
+    """On every AdQA paragraph: candidates exist, are exact substrings at their offsets, short, of all kinds."""
+    kinds = collections.Counter()
+    for paragraph in dict.fromkeys(r["context"] for r in _adqa_rows()):
+        spans = candidate_spans(paragraph)
+        assert spans, paragraph[:80]
+        for s in spans:
+            assert paragraph[s.start: s.start + len(s.text)] == s.text
+            assert 1 <= len(s.text.split()) <= MAX_SPAN_WORDS and s.text == s.text.strip()
+            kinds[s.kind] += 1
+    assert min(kinds.values()) > 100, kinds
+
+
+def test_sentence_around_finds_the_answers_sentence():
+    i = PARAGRAPH.index("June")
+    assert sentence_around(PARAGRAPH, i).startswith("The Hoppings funfair")
+    assert sentence_around(PARAGRAPH, 0).endswith("city centre.")
+
+
+def test_seed_context_picks_a_span_and_hides_the_real_question(qa):
+    real = {"id": "v1", "context": PARAGRAPH, "question": "Where is it?", "answer": "Europe",
+            "answer_start": PARAGRAPH.index("Europe")}
+    kept = qa.seed_context(real, random.Random(3))
+    assert kept == qa.seed_context(real, random.Random(3))  # same seed, same pick: the cache finds it
+    assert "question" not in kept and kept["answer_kind"] in ("name", "number", "noun_phrase")
+    assert PARAGRAPH[kept["answer_start"]: kept["answer_start"] + len(kept["answer"])] == kept["answer"]
+    picks = {qa.seed_context(real, random.Random(i))["answer"] for i in range(30)}
+    assert len(picks) >= 4
+    messages = qa.seed_messages(None, [], kept)
+    prompt = messages[-1]["content"]  # the turns before it are the fixed few-shot examples
+    sentence = sentence_around(PARAGRAPH, kept["answer_start"])
+    assert f'Sentence: "{sentence}"' in prompt and f'Answer: "{kept["answer"]}"' in prompt
+    assert "Where is it?" not in _user(messages)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+
+
+def test_teacher_mode_keeps_only_the_paragraph():
+    qa_teacher = make_task(TaskConfig(type="extractive_qa", qa_answers="teacher"), None)
+    kept = qa_teacher.seed_context({"id": "v1", "context": PARAGRAPH, "question": "q?", "answer": "June",
+                                    "answer_start": 0}, random.Random(0))
+    assert kept == {"id": "v1", "context": PARAGRAPH}
+    prompt = _user(qa_teacher.seed_messages(None, [], kept))
+    assert "Answer:" in prompt and "Question:" in prompt
+
+
+def test_plan_seed_gives_each_qa_request_a_picked_span(qa):
+    from s3ray.config import SamplingConfig
+    from s3ray.synthesis.plan import plan_seed
+
+    rows = _adqa_rows(40)
+    plans = plan_seed(qa, 12, {}, 0, rows, SamplingConfig(), run_seed=5)
+    again = plan_seed(qa, 12, {}, 0, rows, SamplingConfig(), run_seed=5)
+    assert [p.request.prompt_hash() for p in plans] == [p.request.prompt_hash() for p in again]
+    for p in plans:
+        c = p.context
+        assert c["context"][c["answer_start"]: c["answer_start"] + len(c["answer"])] == c["answer"]
+        assert "question" not in c
+    assert len({p.context["answer"] for p in plans}) >= 10
+
+
+# --- QA: prompts and parsing ---------------------------------------------------------------------------
+
+def test_qa_ees_prompt_keeps_the_gold_answer_and_its_sentence(qa):
+    err = {"context": PARAGRAPH, "question": "Where is the Hoppings funfair held?", "answer": "Town Moor",
+           "answer_start": PARAGRAPH.index("Town Moor")}
+    ees = qa.ees_messages(err)[-1]["content"]
+    assert 'worded differently from "Where is the Hoppings funfair held?"' in ees and 'Answer: "Town Moor"' in ees
+    assert 'Sentence: "Another green space in Newcastle is the Town Moor' in ees  # the answer's own sentence
 
 
 def test_find_span_prefers_the_contexts_own_text():
     assert find_span("town moor", PARAGRAPH) == ("Town Moor", PARAGRAPH.index("Town Moor"))
     assert find_span("June!", PARAGRAPH) == ("June", PARAGRAPH.index("June"))
     assert find_span("Hyde Park", PARAGRAPH) is None
+
+
+GIVEN = {"context": PARAGRAPH, "answer": "Town Moor", "answer_start": PARAGRAPH.index("Town Moor")}
+QUESTION_ONLY_CASES = [
+    ("Where is the Hoppings funfair held?", "Where is the Hoppings funfair held?", None),
+    ("Question: Which green space lies north of the city centre? It is big.",
+     "Which green space lies north of the city centre?", None),
+    ("Sure! Here is a question:\n1. What is north of the Newcastle city centre?",
+     "What is north of the Newcastle city centre?", None),
+    ('"Where does the annual funfair take place?"', "Where does the annual funfair take place?", None),
+    ("", None, "empty"),
+    ("I'm sorry, I cannot help with that.", None, "refusal"),
+    ("The Town Moor is a park in Newcastle.", None, "not_a_question"),
+    ("Is the Town Moor in Newcastle?", None, "question_contains_answer"),
+    ("What is the capital of Peru?", None, "off_topic"),
+    ("Where?", None, "too_short"),
+]
+
+
+@pytest.mark.parametrize("reply,question,reason", QUESTION_ONLY_CASES)
+def test_qa_parse_question_for_a_given_answer(qa, reply, question, reason):
+    if reason is None:
+        row = qa.parse_example(reply, None, GIVEN)
+        assert row["question"] == question
+        assert (row["answer"], row["answer_start"]) == (GIVEN["answer"], GIVEN["answer_start"])
+        assert qa.validate_row(row) is None
+    else:
+        with pytest.raises(ParseError) as e:
+            qa.parse_example(reply, None, GIVEN)
+        assert e.value.reason == reason
+
+
+def test_answer_inside_a_longer_number_is_not_in_the_question(qa):
+    ctx = {"context": "The bridge opened in 1912 and carried 12 lanes of traffic.", "answer": "12",
+           "answer_start": 38}
+    row = qa.parse_example("How many lanes did the bridge built in 1912 carry?", None, ctx)
+    assert row["answer"] == "12"
 
 
 QA_CASES = [
@@ -206,8 +326,8 @@ QA_CASES = [
 
 
 @pytest.mark.parametrize("reply,answer,reason", QA_CASES)
-def test_qa_parse_example(qa, reply, answer, reason):
-    ctx = {"context": PARAGRAPH, "question": "x?", "answer": "Town Moor", "answer_start": 40}
+def test_qa_parse_teacher_picked_answer(qa, reply, answer, reason):
+    ctx = {"id": "v1", "context": PARAGRAPH}  # teacher mode: the request kept only the paragraph
     if reason is None:
         row = qa.parse_example(reply, None, ctx)
         assert row["answer"] == answer
@@ -230,21 +350,38 @@ def test_qa_validate_row_checks_answer_start(qa):
 
 
 def test_qa_real_rows_validate_and_parse_back(qa):
-    """Every row of the repo's AdQA copy is a valid span; a reply written from a real row parses back to it."""
-    import gzip
-
-    with gzip.open(REPO / "data" / "adqa" / "validation.jsonl.gz", "rt") as f:
-        rows = [json.loads(line) for line in f][:200]
+    """Every row of the repo's AdQA copy is a valid span; a reply written from a real row parses back to it,
+    both as a two-line teacher reply and as a question for the row's own answer."""
+    rows = _adqa_rows(200)
     assert all(qa.validate_row(r) is None for r in rows)
     parsed = 0
     for r in rows:
         if normalize_answer(r["answer"]) in normalize_answer(r["question"]) or "?" not in r["question"]:
             continue
-        row = qa.parse_example(f"Answer: {r['answer']}\nQuestion: {r['question']}", None, r)
+        try:
+            row = qa.parse_example(f"Answer: {r['answer']}\nQuestion: {r['question']}", None,
+                                   {"context": r["context"]})
+        except ParseError as e:
+            assert e.reason == "off_topic"  # adversarial questions may avoid every word of the paragraph
+            continue
         assert row["answer"].lower() == r["answer"].lower()
         assert qa.validate_row(row) is None
+        row = qa.parse_example(r["question"], None, r)
+        assert (row["answer"], row["answer_start"]) == (r["answer"], r["answer_start"])
         parsed += 1
     assert parsed > 150
+
+
+def test_contexts_file_needs_only_the_paragraph(qa, tmp_path):
+    from s3ray.data.load import DataError, load_rows
+
+    path = tmp_path / "paragraphs.jsonl"
+    path.write_text("\n".join(json.dumps({"context": p}) for p in (PARAGRAPH, "A second paragraph here.")))
+    rows = load_rows(str(path), qa, "contexts")
+    assert [r["context"] for r in rows] == [PARAGRAPH, "A second paragraph here."]
+    path.write_text(json.dumps({"text": PARAGRAPH}))
+    with pytest.raises(DataError, match="context"):
+        load_rows(str(path), qa, "contexts")
 
 
 def test_qa_student_inputs(qa):

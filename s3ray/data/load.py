@@ -97,7 +97,12 @@ def load_rows(
     rows = table.to_pylist()
     if not rows:
         raise DataError(f"data.{split} ({path}) is empty")
-    needed = list(task.fields) + (["label"] if task.labels is not None else [])
+    # A contexts file only has to hold what seed prompts keep (premises, paragraphs): no labels, no answers.
+    only_context = split == "contexts"
+    if only_context:
+        needed = list(task.context_fields)
+    else:
+        needed = list(task.fields) + (["label"] if task.labels is not None else [])
     renamed = [{field_map.get(k, k): v for k, v in r.items()} for r in rows]
     missing = [f for f in needed if f not in renamed[0]]
     if missing:
@@ -108,10 +113,14 @@ def load_rows(
     problems = []
     out = []
     for i, r in enumerate(renamed):
-        if task.labels is not None:
+        if task.labels is not None and not only_context:
             r["label"] = _normalize_label(r.get("label"), task.labels)
         r["id"] = str(r.get("id", f"{split}-{i}"))
-        err = task.validate_row(r)
+        if only_context:
+            bad = [f for f in needed if not isinstance(r.get(f), str) or not r[f].strip()]
+            err = f"field {bad[0]!r} is missing or empty" if bad else None
+        else:
+            err = task.validate_row(r)
         if err:
             problems.append(f"row {i} (id {r['id']}): {err}")
         out.append(r)
@@ -126,7 +135,8 @@ def load_rows(
     if len(set(ids)) != len(ids):
         raise DataError(f"data.{split} ({path}): ids are not unique; remove the id column or make ids unique")
     if size is not None and size < len(out):
-        out = stratified_sample(out, size, seed, by="label" if task.labels is not None else None)
+        by = "label" if task.labels is not None and not only_context else None
+        out = stratified_sample(out, size, seed, by=by)
     return out
 
 

@@ -21,7 +21,7 @@ from s3ray.models import resolve_student, resolve_teacher
 from s3ray.pipeline.rundir import RunDir
 from s3ray.synthesis.collect import SynthesisStats, collect_examples, collect_rationales, rows_to_table
 from s3ray.synthesis.dedup import Deduplicator
-from s3ray.synthesis.plan import plan_ees, plan_rationales, plan_seed
+from s3ray.synthesis.plan import cap_errors, plan_ees, plan_rationales, plan_seed
 from s3ray.tasks import make_task
 
 log = logging.getLogger("s3ray")
@@ -173,9 +173,7 @@ class S3Steps:
         import pyarrow.parquet as pq
 
         errors = pq.read_table(mined["errors_path"]).to_pylist()
-        errors.sort(key=lambda e: str(e["id"]))  # stable order -> stable request ids
-        if self.syn.max_ees_per_round:
-            errors = errors[: self.syn.max_ees_per_round]
+        errors = cap_errors(errors, self.syn.max_ees_per_round, self.seed, round_)
         planned = plan_ees(self.task, errors, self.syn.ees_per_error, round_, self.cfg.teacher.sampling, self.seed)
         return self._synthesize(planned, rows_so_far, f"rounds/round_{round_}.parquet",
                                 f"error extrapolation {round_}")

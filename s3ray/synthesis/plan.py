@@ -78,11 +78,22 @@ def plan_seed(
         picked = rng.sample(pool, min(k, len(pool))) if pool and k else []
         context = None
         if contexts:
-            context = contexts[derive_seed(run_seed, "context", i) % len(contexts)]
+            row = contexts[derive_seed(run_seed, "context", i) % len(contexts)]
+            context = task.seed_context(row, random.Random(derive_seed(run_seed, source, "answer", i)))
         msgs = task.seed_messages(label, picked, context)
         req = _request(f"{source}/{i}", msgs, sampling_cfg, run_seed)
         out.append(Planned(req, source, 0, label=label, context=context, rationales=picked))
     return out
+
+
+def cap_errors(errors: list[dict], cap: int | None, run_seed: int, round_: int) -> list[dict]:
+    """The errors to extrapolate, in id order (stable request ids); with a cap, a seeded uniform sample of
+    `cap` of them, not the first ids (ids often follow the source file's order, e.g. by topic)."""
+    errors = sorted(errors, key=lambda e: str(e["id"]))
+    if cap is None or len(errors) <= cap:
+        return errors
+    keep = set(random.Random(derive_seed(run_seed, "ees_cap", round_)).sample(range(len(errors)), cap))
+    return [e for i, e in enumerate(errors) if i in keep]
 
 
 def plan_ees(task, errors: list[dict], per_error: int, round_: int, sampling_cfg, run_seed: int) -> list[Planned]:

@@ -27,5 +27,5 @@ def make_task(task_cfg, labels: list[str] | None, synthesis_cfg=None) -> Task:
         from s3ray.tasks.qa import ExtractiveQATask
 
         kw["labels"] = None
-        return ExtractiveQATask(**kw)
+        return ExtractiveQATask(**kw, answers=task_cfg.qa_answers)
     raise ValueError(f"task.type {task_cfg.type!r}: expected classification | pair | extractive_qa")

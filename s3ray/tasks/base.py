@@ -103,6 +103,10 @@ class Task:
             return f"label {row.get('label')!r} is not one of {self.labels}"
         return None
 
+    def seed_context(self, row: dict, rng) -> dict:
+        """What a seed request keeps from a real context row (QA adds a picked answer span)."""
+        return row
+
     # --- prompts ------------------------------------------------------------------------------
     def rationale_messages(self, label: str, k: int) -> list[Message]:
         raise NotImplementedError

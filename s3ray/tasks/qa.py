@@ -1,9 +1,13 @@
 """Extractive question answering (AdversarialQA, SQuAD-style data).
 
-Seed synthesis keeps a real paragraph (`context`) and asks the teacher for an answer span copied from it plus
-a question whose answer is that span, in a fixed two-line format ("Answer: ...\\nQuestion: ..."). The answer
-is written first so the question is conditioned on it (the paper's "paragraph + answer" setting). EES keeps
-the failed row's paragraph and asks for a new question like the one the student got wrong.
+Seed synthesis is the paper's "paragraph + answer -> question": it keeps a real paragraph (`context`) and
+an answer span of it, and the teacher writes the question. Who picks the span is `answers`:
+- "picked" (default): s3ray picks a name, number or noun phrase of the paragraph (`answer_spans`), so even a
+  135M teacher only has to write one question;
+- "teacher": a strong teacher picks it, replying "Answer: ...\\nQuestion: ..." (the answer first, so the
+  question is conditioned on it); the answer must then be found in the paragraph.
+EES keeps the failed row's paragraph and its gold answer and asks for a new question like the one the
+student got wrong.
 
 The metric is SQuAD's: exact match and token F1 after `normalize_answer`.
 """
@@ -11,10 +15,12 @@ The metric is SQuAD's: exact match and token F1 after `normalize_answer`.
 from __future__ import annotations
 
 import collections
+import random
 import re
 import string
 from dataclasses import dataclass
 
+from s3ray.tasks.answer_spans import pick_span, sentence_around
 from s3ray.tasks.base import _REFUSAL, ParseError, Task
 from s3ray.teacher.types import Message
 
@@ -95,11 +101,34 @@ def find_span(answer: str, context: str) -> tuple[str, int] | None:
     return None
 
 
+def _question_for_answer(context: dict, avoid: str | None = None) -> list[Message]:
+    """Few-shot "sentence + answer -> question" turns. Only the answer's sentence is shown: SmolLM2-135M kept
+    58% of its questions this way against 38% when shown the whole paragraph (48 AdQA prompts each), and
+    the prompt is a third shorter. The row itself keeps the whole paragraph."""
+    sentence = sentence_around(context["context"], int(context["answer_start"]))
+    # EES: a new question for the answer the student missed, not the same words again.
+    instruction = f'Write the question, worded differently from "{avoid}".' if avoid else "Write the question."
+    ask = f'Sentence: "{sentence}"\nAnswer: "{context["answer"]}"\n{instruction}'
+    return [*_FEW_SHOT, {"role": "user", "content": ask}]
+
+
+_FEW_SHOT: tuple[Message, ...] = (
+    {"role": "system",
+     "content": "You turn a sentence into a question. The answer to the question is the given phrase."},
+    {"role": "user", "content": 'Sentence: "The Hoppings funfair is held on the Town Moor every June."\n'
+     'Answer: "June"\nWrite the question.'},
+    {"role": "assistant", "content": "In which month is the Hoppings funfair held on the Town Moor?"},
+    {"role": "user", "content": 'Sentence: "Marie Curie won the Nobel Prize in Chemistry in 1911 for '
+     'discovering radium."\nAnswer: "Marie Curie"\nWrite the question.'},
+    {"role": "assistant", "content": "Who won the Nobel Prize in Chemistry in 1911 for discovering radium?"},
+)
+
+
 def _system() -> Message:
     return {
         "role": "system",
-        "content": "You write reading-comprehension questions whose answers are exact phrases copied "
-        "from a given paragraph.",
+        "content": "You write reading-comprehension questions about a paragraph. The answer to each "
+        "question is a phrase copied from the paragraph.",
     }
 
 
@@ -107,6 +136,16 @@ _FORMAT = (
     "Reply in exactly two lines:\nAnswer: <a short phrase copied word for word from the paragraph>\n"
     "Question: <a question ending with '?' whose answer is that phrase>"
 )
+_LIST_MARK = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s+")
+_CONTENT_WORD = re.compile(r"[a-z0-9]{4,}")
+_QUESTION_WORDS = frozenset(
+    ["what", "which", "when", "where", "whom", "whose", "does", "that", "this", "with", "from", "have", "were",
+     "there", "their", "they", "about", "into", "many", "much", "name"]
+)
+
+
+def _stems(text: str) -> set[str]:
+    return {w[:5] for w in _CONTENT_WORD.findall(text.lower()) if w not in _QUESTION_WORDS}
 
 
 @dataclass
@@ -118,6 +157,7 @@ class ExtractiveQATask(Task):
     primary_metric: str = "f1"
     context_fields: tuple[str, ...] = ("context",)
     description: str = "paragraph"
+    answers: str = "picked"  # who picks the seed answer span: "picked" (s3ray) | "teacher"
 
     # --- data --------------------------------------------------------------------------------
     def validate_row(self, row: dict) -> str | None:
@@ -136,65 +176,94 @@ class ExtractiveQATask(Task):
             return f"answer_start {start} does not point at the answer {ans!r} in the context"
         return None
 
+    def seed_context(self, row: dict, rng: random.Random) -> dict:
+        """What a seed request keeps from a real row: its paragraph, plus a picked answer span.
+
+        The real row's own question and answer are never passed on (they are validation data)."""
+        kept = {"id": row.get("id"), "context": row["context"]}
+        if self.answers == "picked":
+            span = pick_span(row["context"], rng)
+            if span is not None:  # a paragraph with no candidate falls back to the teacher's pick
+                kept.update(answer=span.text, answer_start=span.start, answer_kind=span.kind)
+        return kept
+
     # --- prompts -----------------------------------------------------------------------------
     def rationale_messages(self, label: str, k: int) -> list[Message]:
         raise NotImplementedError("extractive QA has no labels, so no rationales (as in the paper)")
+
+    def _paragraph(self, context: dict) -> str:
+        return f'Here is a {self.description}:\n"{context["context"]}"\n\n'
 
     def seed_messages(
         self, label: str | None = None, rationales: list[str] | None = None, context: dict | None = None
     ) -> list[Message]:
         if not context or not context.get("context"):
             raise ValueError("extractive QA seed synthesis needs a real row with a 'context' paragraph")
+        if context.get("answer"):
+            return _question_for_answer(context)
         ask = (
-            f'Here is a {self.description}:\n"{context["context"]}"\n\n'
-            "Pick a short phrase from it (a name, number, date or few words) and write a question "
+            self._paragraph(context)
+            + "Pick a short phrase from it (a name, number, date or few words) and write a question "
             f"that this phrase answers.\n{_FORMAT}"
         )
         return [_system(), {"role": "user", "content": ask}]
 
     def ees_messages(self, error_row: dict) -> list[Message]:
-        ask = (
-            f'Here is a {self.description}:\n"{error_row["context"]}"\n\n'
-            f'A reader answered this question about it wrongly: "{error_row["question"]}" '
-            f'(correct answer: "{error_row["answer"]}").\n'
-            "Write a new, different question of the same kind about this paragraph, with its answer "
-            f"copied from the paragraph.\n{_FORMAT}"
-        )
-        return [_system(), {"role": "user", "content": ask}]
+        return _question_for_answer(error_row, avoid=error_row["question"])
 
     # --- parsing -----------------------------------------------------------------------------
     def parse_example(self, text: str, label: str | None, context: dict | None) -> dict:
+        """A question (and, when the teacher picked it, an answer span) from a reply; the answer given in
+        `context` (picked span or EES gold answer) is kept as is."""
         if text is None or not text.strip():
             raise ParseError("empty")
         if not context or not context.get("context"):
             raise ValueError("parse_example needs the row whose context was kept")
         paragraph = context["context"]
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-        answer = _find_field(lines, _ANSWER)
-        question = _find_field(lines, _QUESTION)
-        if answer is None and question is None and _REFUSAL.search(text):
+        if context.get("answer"):
+            answer, start = context["answer"], int(context["answer_start"])
+            question = _find_field(lines, _QUESTION)
+            if question is None:  # the reply is the question itself, maybe after a lead-in line
+                asked = [ln for ln in lines if "?" in ln]
+                question = _strip(_LIST_MARK.sub("", asked[0])) if asked else None
+            if question is None and _REFUSAL.search(text):
+                raise ParseError("refusal")
+            if not question:
+                raise ParseError("not_a_question", lines[0][:80])
+        else:
+            answer = _find_field(lines, _ANSWER)
+            question = _find_field(lines, _QUESTION)
+            if answer is None and question is None and _REFUSAL.search(text):
+                raise ParseError("refusal")
+            if not answer:
+                raise ParseError("no_answer", "expected a line 'Answer: ...'")
+            if not question:
+                raise ParseError("no_question", "expected a line 'Question: ...'")
+            if _REFUSAL.search(answer):
+                raise ParseError("refusal")
+            if len(answer.split()) > MAX_ANSWER_WORDS:
+                raise ParseError("answer_too_long", f"{len(answer.split())} words > {MAX_ANSWER_WORDS}")
+            span = find_span(answer, paragraph)
+            if span is None:
+                raise ParseError("answer_not_in_context", answer[:80])
+            answer, start = span
+        if _REFUSAL.search(question):
             raise ParseError("refusal")
-        if not answer:
-            raise ParseError("no_answer", "expected a line 'Answer: ...'")
-        if not question:
-            raise ParseError("no_question", "expected a line 'Question: ...'")
-        if _REFUSAL.search(question) or _REFUSAL.search(answer):
-            raise ParseError("refusal")
-        if len(answer.split()) > MAX_ANSWER_WORDS:
-            raise ParseError("answer_too_long", f"{len(answer.split())} words > {MAX_ANSWER_WORDS}")
-        span = find_span(answer, paragraph)
-        if span is None:
-            raise ParseError("answer_not_in_context", answer[:80])
-        answer, start = span
         if "?" not in question:
             raise ParseError("not_a_question", question[:80])
-        question = question[: question.rfind("?") + 1].strip()  # drop trailing commentary
+        question = question[: question.find("?") + 1].strip()  # one question; drop what follows it
         if len(question) < self.min_chars:
             raise ParseError("too_short", f"{len(question)} < {self.min_chars} chars")
         if len(question) > self.max_chars:
             raise ParseError("too_long", f"{len(question)} > {self.max_chars} chars")
-        if normalize_answer(answer) and normalize_answer(answer) in normalize_answer(question):
+        if normalize_answer(answer) and f" {normalize_answer(answer)} " in f" {normalize_answer(question)} ":
             raise ParseError("question_contains_answer")
+        # A question sharing no content word (by 5-letter stem) with its paragraph is about something else.
+        # Real adversarial questions avoid the paragraph's words too (about 1 in 8 would fail this check);
+        # a small teacher's unrelated questions are the far commoner case.
+        if not _stems(question) & _stems(paragraph):
+            raise ParseError("off_topic", question[:80])
         return {
             "context": paragraph,
             "question": question,
