@@ -142,12 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve the configured teacher as an OpenAI-compatible HTTP endpoint (vLLM)")
     _add_config_args(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     s.set_defaults(fn=_cmd_serve)
 
     rep = sub.add_parser("report", help="rebuild the report (Markdown, JSON, PNG) of a run directory")
-    rep.add_argument("run_dir")
+    rep.add_argument("run_dir", help="a run's run.output_dir (holds manifest.json), e.g. runs/sst2-quickstart")
     rep.set_defaults(fn=_cmd_report)
 
     prep = sub.add_parser("prepare-models", help="install-time step: convert the embedded teacher, locate the student")

@@ -110,8 +110,11 @@ def _plot(report: dict, path: Path) -> None:
     ax1.set_xlabel("round (0 = seed only)")
     ax1.set_ylabel(f"{report['metric']} (%)")
     ax1.set_xticks(rounds or [0])
-    ax1.set_title("Student accuracy per round")
-    ax1.legend(fontsize=8)
+    ax1.set_title(f"Student {report['metric']} per round")
+    if ax1.get_legend_handles_labels()[0]:  # a run paused before its first evaluation has no lines yet
+        ax1.legend(fontsize=8)
+    else:
+        ax1.text(0.5, 0.5, "no student evaluated yet", ha="center", va="center", transform=ax1.transAxes)
     ax1.grid(alpha=0.3)
     names = [t["step"] for t in report["timings"]]
     ax2.barh(names, [t["seconds"] for t in report["timings"]], color="tab:blue")

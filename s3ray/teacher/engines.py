@@ -99,6 +99,7 @@ class VLLMEngine(Engine):
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._cv = threading.Condition()
+        self._render_lock = threading.Lock()
         self._ids = itertools.count()
         self._calls: list[tuple] = []  # (requests, results, waiting {internal id: index}, done event)
         self._closed = False
@@ -121,6 +122,16 @@ class VLLMEngine(Engine):
             min_tokens=s.max_tokens if s.ignore_eos else 0,
         )
 
+    def _engine_input(self, ids: list[int]):
+        """Token ids as the engine takes them. vLLM >= 0.32 wants prompts rendered by `LLM.renderer` (raw
+        prompts to `add_request` are deprecated there); older versions take the raw token prompt."""
+        renderer = getattr(self.llm, "renderer", None)
+        if renderer is None or not hasattr(renderer, "render_cmpl"):
+            return {"prompt_token_ids": ids}
+        with self._render_lock:
+            (engine_input,) = renderer.render_cmpl([{"prompt_token_ids": ids}])
+        return engine_input
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Thread-safe: concurrent calls (the pool sends several small chunks per replica) join one
         continuously batched engine loop, so small chunks cost no batch size."""
@@ -132,7 +143,7 @@ class VLLMEngine(Engine):
                 if len(ids) >= self.cfg.max_model_len:
                     raise ValueError(f"prompt has {len(ids)} tokens, more than "
                                      f"teacher.max_model_len={self.cfg.max_model_len}")
-                prepared.append((i, {"prompt_token_ids": ids}, self._sampling_params(req)))
+                prepared.append((i, self._engine_input(ids), self._sampling_params(req)))
             except Exception as e:  # noqa: BLE001 - one bad request must not sink the batch
                 results[i] = GenerationResult(req.request_id, error=_error_text(e))
         waiting: dict[str, int] = {}
