@@ -102,3 +102,58 @@ def test_cli_help_and_clear_errors(tmp_path):
     missing.write_text(f"data: {{validation: {tmp_path}/nope.jsonl}}\nteacher: {{model: {tmp_path}/x}}\n")
     out = subprocess.run([sys.executable, "-m", "s3ray.cli", "validate", str(missing)], capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "nope.jsonl" in out.stderr
+
+
+@pytest.mark.slow
+def test_extractive_qa_round_with_the_embedded_teacher(tmp_path, ray_local, tiny_student_dir):
+    """AdQA through the whole loop with the real embedded teacher (SmolLM2-135M on vLLM's CPU build): s3ray
+    picks answer spans, the teacher writes questions, a span student trains, errors are mined and
+    extrapolated on their own paragraph and gold answer, and the report scores F1."""
+    from s3ray.tasks import ParseError
+
+    cfg = config_from_dict({
+        "run": {"name": "qa", "output_dir": str(tmp_path / "run"), "seed": 1},
+        "task": {"type": "extractive_qa", "description": "paragraph"},
+        "data": {"validation": "tests/data/adqa_sample.jsonl", "test": "data/adqa/test.jsonl.gz",
+                 "validation_size": 24, "test_size": 16},
+        "teacher": {"model": "embedded:smollm2-135m-instruct", "engine": "vllm", "kv_cache_space_gb": 1,
+                    "max_model_len": 1024, "sampling": {"max_tokens": 40}},
+        "synthesis": {"seed_examples": 16, "rounds": 1, "max_ees_per_round": 6, "min_chars": 10,
+                      "max_chars": 300},
+        "student": {"model": str(tiny_student_dir), "epochs": 1, "batch_size": 8, "max_length": 128},
+        "mining": {"batch_size": 8},
+        "baselines": {"equal_budget": False, "real_validation": False},
+    })
+    inputs = prepare_inputs(cfg)
+    report = run_s3(cfg, inputs=inputs)
+    run_dir = tmp_path / "run"
+    steps = json.loads((run_dir / "manifest.json").read_text())["steps"]
+
+    seed = pq.read_table(run_dir / "rounds/round_0.parquet").to_pylist()
+    seed_stats = steps["round0/synthesis"]["result"]["stats"]
+    assert seed_stats["requested"] == 16 and seed_stats["kept"] == len(seed) >= 1
+    known = {"empty", "refusal", "not_a_question", "too_short", "too_long", "question_contains_answer",
+             "off_topic", "exact_duplicate", "near_duplicate", "copies_real_row", "near_copy_of_real_row"}
+    assert set(seed_stats["dropped"]) <= known, seed_stats["dropped"]
+    paragraphs = {r["context"] for r in inputs.validation}
+    for row in seed:  # a real paragraph, a span of it, a question that does not give the answer away
+        assert row["context"] in paragraphs and row["question"].endswith("?")
+        assert row["context"][row["answer_start"]: row["answer_start"] + len(row["answer"])] == row["answer"]
+        assert inputs.task.validate_row(row) is None
+        with pytest.raises(ParseError, match="question_contains_answer"):
+            inputs.task.parse_example(f"Is the answer really {row['answer']}?", None, row)
+
+    mined = steps["round0/mine"]["result"]
+    assert mined["n_rows"] == 24 and mined["metrics"]["n"] == 24
+    ees = pq.read_table(run_dir / "rounds/round_1.parquet").to_pylist()
+    assert steps["round1/synthesis"]["result"]["stats"]["requested"] == min(6, mined["n_errors"])
+    val = {r["id"]: r for r in inputs.validation}
+    for row in ees:  # the error's own paragraph and gold answer, a new question
+        parent = val[row["parent_error_id"]]
+        assert (row["context"], row["answer"], row["answer_start"]) == (
+            parent["context"], parent["answer"], parent["answer_start"])
+
+    final = datasets.load_dataset("parquet", data_files=str(run_dir / "final/train.parquet"), split="train")
+    assert len(final) == len(seed) + len(ees) and "answer_start" in final.column_names
+    assert report["metric"] == "f1" and report["complete"]
+    assert all(r["test"] is not None and 0.0 <= r["test"] <= 1.0 for r in report["rounds"])
