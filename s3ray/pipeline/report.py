@@ -15,6 +15,11 @@ def _metric_name(task_type: str) -> str:
     return "f1" if task_type == "extractive_qa" else "accuracy"
 
 
+def _secondary_metric_name(task_type: str) -> str:
+    """Reported beside the primary metric: SQuAD's exact match for QA, macro-F1 for labels."""
+    return "exact_match" if task_type == "extractive_qa" else "macro_f1"
+
+
 def _fmt(x, pct=True) -> str:
     if x is None:
         return "–"
@@ -25,6 +30,7 @@ def build_report(run: RunDir) -> dict:
     cfg = run.manifest["config"]
     steps = run.steps()
     metric = _metric_name(cfg["task"]["type"])
+    second = _secondary_metric_name(cfg["task"]["type"])
     rounds_n = cfg["synthesis"]["rounds"]
 
     def res(step):
@@ -49,6 +55,7 @@ def build_report(run: RunDir) -> dict:
             "best_epoch": tr.get("best_epoch"),
             "val": (tr.get("val") or {}).get(metric),
             "test": (tr.get("test") or {}).get(metric),
+            "test_secondary": (tr.get("test") or {}).get(second),
             "errors_mined": mine.get("n_errors"),
             "teacher_tokens": tokens,
             "teacher_output_tokens": stats.get("output_tokens", 0),
@@ -59,13 +66,16 @@ def build_report(run: RunDir) -> dict:
     real = res("baseline/real_validation/train")
     comparison = [
         {"method": "seed only (round 0, ZeroGen-style)", "train_rows": per_round[0]["train_rows"],
-         "val": per_round[0]["val"], "test": per_round[0]["test"]},
+         "val": per_round[0]["val"], "test": per_round[0]["test"],
+         "test_secondary": per_round[0]["test_secondary"]},
         {"method": "seed only, equal budget", "train_rows": eq and eq["n_train"],
-         "val": eq and eq["val"].get(metric), "test": eq and (eq.get("test") or {}).get(metric)},
+         "val": eq and eq["val"].get(metric), "test": eq and (eq.get("test") or {}).get(metric),
+         "test_secondary": eq and (eq.get("test") or {}).get(second)},
         {"method": f"S3 after {rounds_n} round(s)", "train_rows": last["train_rows"], "val": last["val"],
-         "test": last["test"]},
+         "test": last["test"], "test_secondary": last["test_secondary"]},
         {"method": "real validation rows only", "train_rows": real and real["n_train"],
          "val": real and real["val"].get(metric), "test": real and (real.get("test") or {}).get(metric),
+         "test_secondary": real and (real.get("test") or {}).get(second),
          "note": real and f"epoch picked on {real.get('holdout_rows')} held-out validation rows"},
     ]
 
@@ -79,6 +89,7 @@ def build_report(run: RunDir) -> dict:
         "run": cfg["run"]["name"],
         "task": cfg["task"]["type"],
         "metric": metric,
+        "secondary_metric": second,
         "teacher": cfg["teacher"]["model"],
         "teacher_engine": cfg["teacher"]["engine"],
         "student": cfg["student"]["model"],
@@ -129,6 +140,7 @@ def _plot(report: dict, path: Path) -> None:
 
 def _markdown(rep: dict) -> str:
     m = rep["metric"]
+    m2 = rep.get("secondary_metric", "")  # reports written before it existed lack it
     lines = [
         f"# s3ray run report: {rep['run']}",
         "",
@@ -138,12 +150,13 @@ def _markdown(rep: dict) -> str:
         "",
         "## Students compared (measured in this run)",
         "",
-        f"| method | train rows | validation {m} | test {m} |",
-        "|---|---:|---:|---:|",
+        f"| method | train rows | validation {m} | test {m} | test {m2} |",
+        "|---|---:|---:|---:|---:|",
     ]
     for c in rep["comparison"]:
         note = f" ({c['note']})" if c.get("note") else ""
-        lines.append(f"| {c['method']}{note} | {_fmt(c['train_rows'], False)} | {_fmt(c['val'])} | {_fmt(c['test'])} |")
+        lines.append(f"| {c['method']}{note} | {_fmt(c['train_rows'], False)} | {_fmt(c['val'])} | "
+                     f"{_fmt(c['test'])} | {_fmt(c.get('test_secondary'))} |")
     lines += [
         "",
         ("The validation set picks each S3 student's best epoch and supplies the errors, so its numbers are optimistic;"
