@@ -95,7 +95,10 @@ class _FlakyServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.wfile.write(payload)
+                except BrokenPipeError:  # the client timed out ("slow") and hung up: expected
+                    pass
 
             def log_message(self, *args):
                 pass
