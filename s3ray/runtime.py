@@ -12,6 +12,23 @@ from pathlib import Path
 log = logging.getLogger("s3ray")
 
 
+def local_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cap_to_local_cores(cpus: float) -> float:
+    """`cpus` Ray CPUs as threads: a one-node cluster may advertise more CPUs than cores (see `init_ray`),
+    and more torch threads than cores run slower, so cap at the cores there. Ray must be initialised."""
+    import ray
+
+    if len([n for n in ray.nodes() if n.get("Alive")]) == 1:
+        return min(cpus, local_cores())
+    return cpus
+
+
 def set_cache_dirs(root: str | Path) -> None:
     """Keep vLLM's, torch's and DeepSpeed's caches under `root` unless the user chose otherwise."""
     root = Path(root)
@@ -58,6 +75,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
             # The idle teacher actor keeps its CPU reservation while the student trains and Ray Data mines
             # errors; on a 2-core machine that leaves Ray Data's read tasks no CPU and the pipeline waits
             # forever. Logical CPUs oversubscribe a small machine so every stage can be scheduled.
-            num_cpus = max(os.cpu_count() or 1, 4)
+            num_cpus = max(local_cores(), 4)
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
         log.info("started a local Ray cluster: %s", ray.cluster_resources())

@@ -42,6 +42,13 @@ def qa() -> ExtractiveQATask:
     return make_task(TaskConfig(type="extractive_qa", description="paragraph"), None)
 
 
+def _drop_reason(task, reply: str, label, ctx) -> str:
+    """The counted reason a reply is rejected with (fails the test if it is accepted)."""
+    with pytest.raises(ParseError) as e:
+        task.parse_example(reply, label, ctx)
+    return e.value.reason
+
+
 def _user(messages) -> str:
     return "\n".join(m["content"] for m in messages if m["role"] == "user")
 
@@ -120,9 +127,7 @@ def test_pair_parse_example(rte, reply, reason):
         assert row["text_b"] and row["text_b"] != PREMISE and "Hypothesis" not in row["text_b"]
         assert rte.validate_row(row) is None
     else:
-        with pytest.raises(ParseError) as e:
-            rte.parse_example(reply, "entailment", ctx)
-        assert e.value.reason == reason
+        assert _drop_reason(rte, reply, "entailment", ctx) == reason
 
 
 def test_pair_parse_reasons_are_countable(rte):
@@ -139,9 +144,8 @@ def test_pair_parse_reasons_are_countable(rte):
 
 
 def test_qnli_rejects_a_second_question(qnli):
-    with pytest.raises(ParseError) as e:
-        qnli.parse_example("Which city is first on the Rhine river?", "entailment", {"text_a": QUESTION})
-    assert e.value.reason == "wrote_a_question"
+    reply = "Which city is first on the Rhine river?"
+    assert _drop_reason(qnli, reply, "entailment", {"text_a": QUESTION}) == "wrote_a_question"
     ok = qnli.parse_example("Basel is the first major city on the Rhine.", "entailment", {"text_a": QUESTION})
     assert ok["text_b"] == "Basel is the first major city on the Rhine."
 
@@ -295,9 +299,7 @@ def test_qa_parse_question_for_a_given_answer(qa, reply, question, reason):
         assert (row["answer"], row["answer_start"]) == (GIVEN["answer"], GIVEN["answer_start"])
         assert qa.validate_row(row) is None
     else:
-        with pytest.raises(ParseError) as e:
-            qa.parse_example(reply, None, GIVEN)
-        assert e.value.reason == reason
+        assert _drop_reason(qa, reply, None, GIVEN) == reason
 
 
 def test_answer_inside_a_longer_number_is_not_in_the_question(qa):
@@ -335,9 +337,7 @@ def test_qa_parse_teacher_picked_answer(qa, reply, answer, reason):
         assert row["question"].endswith("?") and "It is annual" not in row["question"]
         assert qa.validate_row(row) is None
     else:
-        with pytest.raises(ParseError) as e:
-            qa.parse_example(reply, None, ctx)
-        assert e.value.reason == reason
+        assert _drop_reason(qa, reply, None, ctx) == reason
 
 
 def test_qa_validate_row_checks_answer_start(qa):

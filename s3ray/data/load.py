@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from s3ray.tasks.base import missing_text_field
+
 
 class DataError(ValueError):
     """Data that does not fit the task, phrased with the field, the row and the fix."""
@@ -116,11 +118,7 @@ def load_rows(
         if task.labels is not None and not only_context:
             r["label"] = _normalize_label(r.get("label"), task.labels)
         r["id"] = str(r.get("id", f"{split}-{i}"))
-        if only_context:
-            bad = [f for f in needed if not isinstance(r.get(f), str) or not r[f].strip()]
-            err = f"field {bad[0]!r} is missing or empty" if bad else None
-        else:
-            err = task.validate_row(r)
+        err = missing_text_field(r, needed) if only_context else task.validate_row(r)
         if err:
             problems.append(f"row {i} (id {r['id']}): {err}")
         out.append(r)

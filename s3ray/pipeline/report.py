@@ -36,6 +36,13 @@ def build_report(run: RunDir) -> dict:
     def res(step):
         return steps.get(step, {}).get("result")
 
+    def scores(trained: dict | None) -> dict:
+        """A trained student's validation and test numbers (None where it has none yet)."""
+        trained = trained or {}
+        test = trained.get("test") or {}
+        return {"val": (trained.get("val") or {}).get(metric), "test": test.get(metric),
+                "test_secondary": test.get(second)}
+
     per_round = []
     total_rows = 0
     for r in range(rounds_n + 1):
@@ -53,9 +60,7 @@ def build_report(run: RunDir) -> dict:
             "total_rows": total_rows if syn else None,
             "train_rows": tr.get("n_train"),
             "best_epoch": tr.get("best_epoch"),
-            "val": (tr.get("val") or {}).get(metric),
-            "test": (tr.get("test") or {}).get(metric),
-            "test_secondary": (tr.get("test") or {}).get(second),
+            **scores(tr),
             "errors_mined": mine.get("n_errors"),
             "teacher_tokens": tokens,
             "teacher_output_tokens": stats.get("output_tokens", 0),
@@ -66,16 +71,11 @@ def build_report(run: RunDir) -> dict:
     real = res("baseline/real_validation/train")
     comparison = [
         {"method": "seed only (round 0, ZeroGen-style)", "train_rows": per_round[0]["train_rows"],
-         "val": per_round[0]["val"], "test": per_round[0]["test"],
-         "test_secondary": per_round[0]["test_secondary"]},
-        {"method": "seed only, equal budget", "train_rows": eq and eq["n_train"],
-         "val": eq and eq["val"].get(metric), "test": eq and (eq.get("test") or {}).get(metric),
-         "test_secondary": eq and (eq.get("test") or {}).get(second)},
-        {"method": f"S3 after {rounds_n} round(s)", "train_rows": last["train_rows"], "val": last["val"],
-         "test": last["test"], "test_secondary": last["test_secondary"]},
-        {"method": "real validation rows only", "train_rows": real and real["n_train"],
-         "val": real and real["val"].get(metric), "test": real and (real.get("test") or {}).get(metric),
-         "test_secondary": real and (real.get("test") or {}).get(second),
+         **scores(res("round0/train"))},
+        {"method": "seed only, equal budget", "train_rows": eq and eq["n_train"], **scores(eq)},
+        {"method": f"S3 after {rounds_n} round(s)", "train_rows": last["train_rows"],
+         **scores(res(f"round{rounds_n}/train"))},
+        {"method": "real validation rows only", "train_rows": real and real["n_train"], **scores(real),
          "note": real and f"epoch picked on {real.get('holdout_rows')} held-out validation rows"},
     ]
 

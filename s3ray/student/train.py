@@ -62,6 +62,8 @@ def _cpus_per_worker(cfg: StudentConfig) -> int:
     cores when the cluster is just this machine."""
     import ray
 
+    from s3ray.runtime import cap_to_local_cores
+
     avail = ray.available_resources().get("CPU", 0.0)
     if avail < cfg.num_workers:
         log.warning(
@@ -71,9 +73,7 @@ def _cpus_per_worker(cfg: StudentConfig) -> int:
             cfg.num_workers,
             avail,
         )
-    if len([n for n in ray.nodes() if n.get("Alive")]) == 1:
-        avail = min(avail, os.cpu_count() or 1)
-    return max(1, int(avail // cfg.num_workers))
+    return max(1, int(cap_to_local_cores(avail) // cfg.num_workers))
 
 
 def _check_cfg(cfg: StudentConfig, task: Task) -> None:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 # Words that end a noun phrase or cannot start/end a name; small on purpose.
-_STOP = frozenset(
+STOP_WORDS = frozenset(
     [
         "a", "an", "the", "and", "or", "but", "if", "then", "than", "that", "this", "these", "those", "there",
         "here", "of", "to", "in", "on", "at", "by", "for", "from", "with", "as", "is", "are", "was", "were",
@@ -99,7 +99,7 @@ def _names(paragraph: str, toks) -> list[Span]:
         word, start, first = toks[i]
         # A sentence's first word is capitalised anyway: it starts a name only if it is capitalised
         # elsewhere too ("Despite British hopes" -> "British").
-        if not word[:1].isupper() or word.lower() in _STOP or (first and word not in capitalised_mid):
+        if not word[:1].isupper() or word.lower() in STOP_WORDS or (first and word not in capitalised_mid):
             i += 1
             continue
         j, end = i, i
@@ -137,7 +137,7 @@ def _noun_phrases(paragraph: str, toks) -> list[Span]:
         j = i + 1
         while j < len(toks) and j - i <= 3:
             w, s, _ = toks[j]
-            if w.lower() in _STOP or not _WORD.fullmatch(w) or w[:1].isupper():
+            if w.lower() in STOP_WORDS or not _WORD.fullmatch(w) or w[:1].isupper():
                 break
             j += 1
             if _ends_clause(paragraph, s, w):
@@ -160,7 +160,7 @@ def _content_runs(paragraph: str, toks) -> list[Span]:
     spans, i = [], 0
     while i < len(toks):
         j = i
-        while j < len(toks) and j - i < 3 and toks[j][0].lower() not in _STOP and _WORD.fullmatch(toks[j][0]):
+        while j < len(toks) and j - i < 3 and toks[j][0].lower() not in STOP_WORDS and _WORD.fullmatch(toks[j][0]):
             j += 1
             if _ends_clause(paragraph, toks[j - 1][1], toks[j - 1][0]):
                 break

@@ -33,6 +33,15 @@ _REFUSAL = re.compile(r"\b(?:as an ai|i cannot|i can't|i'm sorry|i am sorry|lang
 _LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s+(.*\S)\s*$")
 
 
+def missing_text_field(row: dict, fields) -> str | None:
+    """What is wrong when one of `fields` is not a non-empty string, else None."""
+    for f in fields:
+        v = row.get(f)
+        if not isinstance(v, str) or not v.strip():
+            return f"field {f!r} is missing or empty"
+    return None
+
+
 def clean_generation(text: str, min_chars: int, max_chars: int) -> str:
     """The first usable paragraph of a teacher reply, with chat boilerplate and quotes removed."""
     if text is None or not text.strip():
@@ -95,10 +104,9 @@ class Task:
     # --- data ---------------------------------------------------------------------------------
     def validate_row(self, row: dict) -> str | None:
         """None when the row fits the task, else what is wrong with it."""
-        for f in self.fields:
-            v = row.get(f)
-            if not isinstance(v, str) or not v.strip():
-                return f"field {f!r} is missing or empty"
+        problem = missing_text_field(row, self.fields)
+        if problem:
+            return problem
         if self.labels is not None and row.get("label") not in self.labels:
             return f"label {row.get('label')!r} is not one of {self.labels}"
         return None

@@ -20,7 +20,7 @@ import re
 import string
 from dataclasses import dataclass
 
-from s3ray.tasks.answer_spans import pick_span, sentence_around
+from s3ray.tasks.answer_spans import STOP_WORDS, pick_span, sentence_around
 from s3ray.tasks.base import _REFUSAL, ParseError, Task
 from s3ray.teacher.types import Message
 
@@ -138,14 +138,11 @@ _FORMAT = (
 )
 _LIST_MARK = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s+")
 _CONTENT_WORD = re.compile(r"[a-z0-9]{4,}")
-_QUESTION_WORDS = frozenset(
-    ["what", "which", "when", "where", "whom", "whose", "does", "that", "this", "with", "from", "have", "were",
-     "there", "their", "they", "about", "into", "many", "much", "name"]
-)
+_NOT_TOPICAL = STOP_WORDS | {"many", "much", "name"}  # "What is the name of ..." says nothing of the topic
 
 
 def _stems(text: str) -> set[str]:
-    return {w[:5] for w in _CONTENT_WORD.findall(text.lower()) if w not in _QUESTION_WORDS}
+    return {w[:5] for w in _CONTENT_WORD.findall(text.lower()) if w not in _NOT_TOPICAL}
 
 
 @dataclass
@@ -191,9 +188,6 @@ class ExtractiveQATask(Task):
     def rationale_messages(self, label: str, k: int) -> list[Message]:
         raise NotImplementedError("extractive QA has no labels, so no rationales (as in the paper)")
 
-    def _paragraph(self, context: dict) -> str:
-        return f'Here is a {self.description}:\n"{context["context"]}"\n\n'
-
     def seed_messages(
         self, label: str | None = None, rationales: list[str] | None = None, context: dict | None = None
     ) -> list[Message]:
@@ -202,8 +196,8 @@ class ExtractiveQATask(Task):
         if context.get("answer"):
             return _question_for_answer(context)
         ask = (
-            self._paragraph(context)
-            + "Pick a short phrase from it (a name, number, date or few words) and write a question "
+            f'Here is a {self.description}:\n"{context["context"]}"\n\n'
+            "Pick a short phrase from it (a name, number, date or few words) and write a question "
             f"that this phrase answers.\n{_FORMAT}"
         )
         return [_system(), {"role": "user", "content": ask}]
