@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -163,8 +163,19 @@ class StudentConfig(_Strict):
 
 class MiningConfig(_Strict):
     batch_size: int = Field(64, ge=1, description="Rows per inference batch in the Ray Data pipeline.")
-    concurrency: int = Field(1, ge=1, description="Inference actors in the Ray Data pipeline.")
+    concurrency: int | Literal["auto"] = Field(
+        "auto",
+        description="Inference actors in the Ray Data pipeline. 'auto': on CPUs one single-threaded actor per "
+        "core (up to 8; faster than one multi-threaded actor), on GPUs one actor per free GPU.",
+    )
     hard_examples: int = Field(0, ge=0, description="Also keep this many lowest-margin correct rows as errors.")
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _actors(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be a whole number of actors >= 1, or 'auto' (got {v!r})")
 
 
 class BaselinesConfig(_Strict):
@@ -218,6 +229,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "unknown field (check the spelling; `s3ray config --explain` lists every field)"
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 

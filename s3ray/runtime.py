@@ -19,14 +19,17 @@ def local_cores() -> int:
     return os.cpu_count() or 1
 
 
+def one_node() -> bool:
+    """Whether the Ray cluster is this one machine. Ray must be initialised."""
+    import ray
+
+    return len([n for n in ray.nodes() if n.get("Alive")]) == 1
+
+
 def cap_to_local_cores(cpus: float) -> float:
     """`cpus` Ray CPUs as threads: a one-node cluster may advertise more CPUs than cores (see `init_ray`),
     and more torch threads than cores run slower, so cap at the cores there. Ray must be initialised."""
-    import ray
-
-    if len([n for n in ray.nodes() if n.get("Alive")]) == 1:
-        return min(cpus, local_cores())
-    return cpus
+    return min(cpus, local_cores()) if one_node() else cpus
 
 
 def set_cache_dirs(root: str | Path) -> None:

@@ -29,6 +29,8 @@ def test_overrides_are_typed():
         ({"data": {"validation": "v.jsonl"}, "synthesis": {"num_rationales": 2, "rationales_per_example": 3}},
          "rationales_per_example (k) must be <="),
         ({"data": {"validation": "v.jsonl"}, "task": {"type": "qa"}}, "'classification', 'pair' or 'extractive_qa'"),
+        ({"data": {"validation": "v.jsonl"}, "mining": {"concurrency": 0}},
+         "mining.concurrency: must be a whole number of actors >= 1, or 'auto' (got 0)"),
     ],
 )
 def test_errors_name_the_field(raw, needle):

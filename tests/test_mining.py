@@ -3,14 +3,16 @@
 How "the driver never materialises the set" is checked: every row carries a wide `payload` column (40 kB of
 text), so the 3,000-row set is ~120 MB of Python strings if it ever reaches the driver as rows or pandas.
 The driver's resident memory is sampled (from /proc, by a thread) while a warm `mine_errors` runs, and its growth
-must stay far below that size; a positive control runs the same meter over `take_all()` on the same data and
-must see it. (tracemalloc was used first, but its allocator hooks crashed the process when Ray's native threads
+must stay far below that size; a positive control runs the same meter over `take_all()` on the same data and must see it.
+Both run in a fresh driver process joined to the test cluster, so memory freed by earlier tests can't hide growth. (tracemalloc was used first, but its allocator hooks crashed the process when Ray's native threads
 allocated under load.) The pipeline's write tasks return one small summary per block, and the predictions land in
 several Parquet files, never one collected table.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import gzip
 import json
 import os
@@ -115,8 +117,16 @@ def pair_mining(ray_local, pair_parquet, pair_ckpt, tmp_path_factory):
 
 @contextmanager
 def rss_growth():
-    """Peak growth of this process's resident memory while the block runs, sampled every 10 ms."""
+    """Peak growth of this process's resident memory while the block runs, sampled every 10 ms.
+
+    Memory that earlier tests freed first goes back to the OS (glibc malloc_trim): otherwise the block could
+    reuse those pages and a large allocation would not show as growth."""
     page = os.sysconf("SC_PAGE_SIZE")
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the control assertion below still guards the meter
+        pass
 
     def rss() -> int:
         with open("/proc/self/statm") as f:
@@ -177,6 +187,61 @@ def test_read_rows_names_the_problem(tmp_path):
 
 # --- with Ray ------------------------------------------------------------------------------------------
 
+def test_auto_pool_on_cpus_is_single_threaded_actors_on_every_core(ray_local, monkeypatch):
+    from s3ray.mining.errors import inference_pool
+    from s3ray.runtime import local_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = local_cores()
+    free = int(ray_local.available_resources().get("CPU", 0))
+
+    def actors_threads(concurrency):
+        args = inference_pool(False, concurrency)
+        assert args["compute"].min_size == args["compute"].max_size  # a fixed pool on CPUs
+        return args["compute"].max_size, int(args["runtime_env"]["env_vars"]["OMP_NUM_THREADS"])
+
+    actors, threads = actors_threads("auto")
+    assert 1 <= actors <= max(1, free - 1)  # a CPU stays free for the read and write tasks
+    assert actors * threads <= max(cores, actors)
+    if cores >= 2 and free >= 3:
+        assert actors >= 2 and threads == cores // actors
+    assert actors_threads(1) == (1, cores)  # one actor gets every core
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert "runtime_env" not in inference_pool(False, 1)  # the user's thread count wins
+
+
+def _operators(ds) -> str:
+    """The executed plan's operator names and stats."""
+    return ds.materialize().stats()
+
+
+def test_few_parquet_files_are_read_without_a_footer_actor_pool(ray_local, tmp_path, monkeypatch):
+    """A handful of files: the V1 reader (footers read on the driver, no FooterReader actors starting beside
+    the inference actors); many files: Ray Data's default. The caller's DataContext is left as it was."""
+    import ray.data
+
+    monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2", raising=False)
+    ctx = ray.data.DataContext.get_current()
+    if getattr(ctx, "use_datasource_v2", None) is None:
+        pytest.skip("this Ray has one Parquet reader")
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i in range(3):
+        pd.DataFrame({"id": [f"{i}-{j}" for j in range(10)], "text": ["x"] * 10}).to_parquet(folder / f"{i}.parquet")
+    before = ctx.use_datasource_v2
+    small = read_rows(folder)
+    assert ctx.use_datasource_v2 == before
+    stats = _operators(small)
+    assert small.count() == 30
+    assert "ListFiles" not in stats and "ReadParquet" in stats, stats
+
+    import s3ray.mining.errors as mining_errors
+
+    monkeypatch.setattr(mining_errors, "FOOTER_ACTOR_MIN_FILES", 3)
+    many = read_rows(folder)
+    assert many.count() == 30
+    assert ("ListFiles" in _operators(many)) == before
+
 @pytest.mark.slow
 def test_errors_are_exactly_the_misclassified_rows(pair_mining, pair_rows, pair_ckpt):
     _, result = pair_mining
@@ -222,26 +287,50 @@ def test_metrics_match_a_plain_computation(pair_mining):
     assert result.metrics["accuracy"] == pytest.approx(1 - result.n_errors / N_ROWS)
 
 
+def measure_driver_memory(address: str, ckpt: str, parquet: str, out_dir: str) -> dict:
+    """Run in a fresh driver process joined to the test cluster (a clean heap: pages freed by earlier tests
+    can't hide growth): mine once to warm up, then meter a second mining run and a positive control."""
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    task = make_task(TaskConfig(type="pair", description="premise"), LABELS)
+    cfg = MiningConfig(batch_size=64, concurrency=2, hard_examples=HARD)
+    mine_errors(ckpt, parquet, task, StudentConfig(), cfg, Path(out_dir) / "warm")  # imports, first use
+    with rss_growth() as mining:
+        result = mine_errors(ckpt, parquet, task, StudentConfig(), cfg, Path(out_dir) / "measured")
+    with rss_growth() as control:
+        rows = ray.data.read_parquet(parquet).take_all()  # the set as Python rows in this process
+    return {"mining": mining["growth"], "control": control["growth"], "rows": len(rows), "mined": result.n_rows}
+
+
 @pytest.mark.slow
 def test_the_driver_never_holds_the_set(pair_mining, pair_parquet, pair_ckpt, tmp_path):
-    """Streaming: the driver's Python allocations stay far below the set's size, while a take_all() of the
-    same data (positive control) does show up on the same meter."""
-    task, result = pair_mining
+    """Streaming: the driver's memory grows far less than the set's size while it mines, while a take_all()
+    of the same data (positive control) does show up on the same meter."""
+    import subprocess
+    import sys
+
+    import ray
+
+    _, result = pair_mining
     set_bytes = N_ROWS * PAYLOAD_CHARS
     assert len(list(Path(result.predictions_path).glob("*.parquet"))) > 1  # streamed as several blocks
 
-    import ray.data
-
-    # Warm (the fixture already ran it once): imports and first-use set-up don't count as holding the set.
-    with rss_growth() as mining:
-        mine_errors(str(pair_ckpt), str(pair_parquet), task, StudentConfig(),
-                    MiningConfig(batch_size=64, concurrency=2, hard_examples=HARD), tmp_path / "again")
-    with rss_growth() as control:
-        rows = ray.data.read_parquet(str(pair_parquet)).take_all()
-    print(f"driver RSS growth: mining {mining['growth'] / 1e6:.1f} MB, take_all {control['growth'] / 1e6:.1f} MB")
-    assert len(rows) == N_ROWS and control["growth"] > set_bytes * 0.8  # the meter sees a materialised set
-    assert mining["growth"] < set_bytes / 3, (
-        f"driver grew {mining['growth'] / 1e6:.1f} MB while mining a {set_bytes / 1e6:.0f} MB set")
+    code = (f"import json, test_mining as t; print('RESULT', json.dumps(t.measure_driver_memory("
+            f"{ray.get_runtime_context().gcs_address!r}, {str(pair_ckpt)!r}, {str(pair_parquet)!r}, "
+            f"{str(tmp_path)!r})))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    m = json.loads(lines[-1][len("RESULT "):])
+    print(f"driver RSS growth: mining {m['mining'] / 1e6:.1f} MB, take_all {m['control'] / 1e6:.1f} MB")
+    assert m["mined"] == m["rows"] == N_ROWS
+    assert m["control"] > set_bytes * 0.8  # the meter sees a materialised set
+    assert m["mining"] < set_bytes / 3, (
+        f"driver grew {m['mining'] / 1e6:.1f} MB while mining a {set_bytes / 1e6:.0f} MB set")
 
 
 @pytest.mark.slow

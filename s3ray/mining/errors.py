@@ -62,7 +62,7 @@ def read_rows(path: str | Path):
     if not names:
         raise ValueError(f"validation set folder {p} holds no data files")
     if all(n.endswith(".parquet") for n in names):
-        return ray.data.read_parquet(str(p))
+        return _read_parquet(str(p), n_files=len(names))
     if all(n.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")) for n in names):
         return ray.data.read_json(str(p), lines=True)
     if all(n.endswith((".csv", ".csv.gz")) for n in names):
@@ -70,6 +70,31 @@ def read_rows(path: str | Path):
     raise ValueError(
         f"validation set {p}: expected Parquet, JSONL (.jsonl/.jsonl.gz) or CSV files, found {sorted(set(names))[:5]}"
     )
+
+
+FOOTER_ACTOR_MIN_FILES = 64  # below this many Parquet files, read footers on the driver (see _read_parquet)
+
+
+def _read_parquet(path: str, n_files: int):
+    """`ray.data.read_parquet`, without a footer-reader actor pool for a handful of files.
+
+    Ray Data's DataSourceV2 Parquet reader starts a pool of FooterReader actors per read, to spread footer
+    reads of thousands of remote files. For a few local files those are fresh worker processes that start
+    at the same moment as the inference actors: on 2 cores they pushed the student's first batch back by 3 s
+    (8.4 s -> 5.6 s from the start of mining; benchmarks/mining_throughput.py). So a small read uses the V1
+    reader, which reads the footers on the driver; the rows still stream in blocks either way. A user's
+    RAY_DATA_USE_DATASOURCE_V2 is respected."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before = getattr(ctx, "use_datasource_v2", None)  # None: a Ray without the V2 reader
+    if before is None or n_files >= FOOTER_ACTOR_MIN_FILES or "RAY_DATA_USE_DATASOURCE_V2" in os.environ:
+        return ray.data.read_parquet(path)
+    ctx.use_datasource_v2 = False  # chosen when the read is planned; restored for the caller's other reads
+    try:
+        return ray.data.read_parquet(path)
+    finally:
+        ctx.use_datasource_v2 = before
 
 
 # --- metrics -------------------------------------------------------------------------------------------
@@ -201,23 +226,43 @@ def _prediction_sink(pred_dir: Path, err_dir: Path, qa: bool, k: int):
 
 # --- Ray placement -------------------------------------------------------------------------------------
 
-def _cpu_thread_env(use_gpu: bool, concurrency: int) -> dict:
-    """On CPUs, let each inference actor use its share of the cluster's cores.
+AUTO_MAX_CPU_ACTORS = 8  # 'auto' on CPUs: one actor per core, up to this many
 
-    Ray starts workers with OMP_NUM_THREADS = their CPU reservation (1), so a CPU actor would run torch on
-    one thread while a plain loop uses every core. Reserving more CPUs per actor could starve the read/write
-    tasks, so the actor keeps its 1-CPU reservation and gets more threads instead: its share of the real
-    cores (two actors on 2 cores with 2 threads each mined at 0.55 of a plain loop, with 1 each at 0.75).
-    A user-set OMP_NUM_THREADS wins."""
+
+def inference_pool(use_gpu: bool, concurrency: int | str) -> dict:
+    """`map_batches` arguments for the inference actors: how many, and on CPUs how many threads each.
+
+    On CPUs, several single-threaded actors beat one actor on every core: on 2 cores, two 1-thread actors
+    mined 20,000 rows at 1.04x a plain 2-thread loop (first to last batch), one 2-thread actor at 0.90x
+    (benchmarks/mining_throughput.py). So CPU 'auto' is one actor per core, capped by the free CPUs less
+    one kept for the read and write tasks. On one node each actor keeps a 1-CPU reservation (more could
+    starve those tasks) and gets its share of the real cores as OMP_NUM_THREADS (a user's own setting
+    wins); across nodes it reserves its threads as CPUs so Ray spreads the actors. GPU 'auto' grows from
+    one actor to one per GPU as GPUs are free (a teacher replica may hold some)."""
     import ray
+    from ray.data import ActorPoolStrategy
 
-    from s3ray.runtime import cap_to_local_cores
+    from s3ray.runtime import cap_to_local_cores, one_node
 
-    if use_gpu or "OMP_NUM_THREADS" in os.environ:
-        return {}
-    cpus = cap_to_local_cores(ray.cluster_resources().get("CPU", 1))
-    threads = max(1, int(cpus) // max(1, concurrency))
-    return {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
+    if use_gpu:
+        gpus = max(1, int(ray.cluster_resources().get("GPU", 1)))
+        pool = ActorPoolStrategy(min_size=1, max_size=gpus) if concurrency == "auto" else ActorPoolStrategy(
+            size=int(concurrency))
+        return {"compute": pool, "num_gpus": 1}
+    cores = max(1, int(cap_to_local_cores(ray.cluster_resources().get("CPU", 1))))
+    if concurrency == "auto":
+        free = int(ray.available_resources().get("CPU", 0)) - 1  # one CPU left for the read and write tasks
+        actors = max(1, min(cores, AUTO_MAX_CPU_ACTORS, free))
+    else:
+        actors = int(concurrency)
+    threads = max(1, cores // actors)
+    args: dict = {"compute": ActorPoolStrategy(size=actors)}
+    if not one_node():
+        node_cpus = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+        args["num_cpus"] = min([threads] + [int(c) for c in node_cpus])  # fits on the smallest node
+    elif "OMP_NUM_THREADS" not in os.environ:
+        args["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+    return args
 
 
 # --- the pipeline --------------------------------------------------------------------------------------
@@ -245,8 +290,6 @@ def mine_errors(
     broken by row id. `predictor_cls` defaults to `s3ray.student.predict.StudentPredictor` (a callable class
     over numpy batches that adds prediction / margin / correct, and f1 for QA). Ray must be initialised.
     """
-    import ray.data
-
     if predictor_cls is None:
         from s3ray.student.predict import StudentPredictor as predictor_cls
 
@@ -271,9 +314,7 @@ def mine_errors(
         },
         batch_size=mining_cfg.batch_size,
         batch_format="numpy",
-        concurrency=mining_cfg.concurrency,
-        num_gpus=1 if use_gpu else None,
-        **_cpu_thread_env(use_gpu, mining_cfg.concurrency),
+        **inference_pool(use_gpu, mining_cfg.concurrency),
     )
     log.info("mining errors: %s over %s", checkpoint, validation_path)
     qa, k = task.type == "extractive_qa", mining_cfg.hard_examples
@@ -285,14 +326,14 @@ def mine_errors(
     n_hard = 0
     if cut is not None:
         # Second pass, only for hard examples: the correct rows under the global (margin, id) cut.
-        hard = ray.data.read_parquet(str(pred_dir)).map_batches(
+        hard = read_rows(pred_dir).map_batches(
             _below_cut, fn_kwargs={"margin": cut[0], "key": cut[1]}, batch_format="pyarrow"
         )
         hard.write_parquet(str(err_dir))
         n_hard = min(k, n_correct)
         if sink.schema is not None and "id" not in sink.schema.names:
             # Without ids, rows tied at the cut's margin are all kept: count what was written.
-            n_hard = ray.data.read_parquet(str(err_dir)).filter(expr="kind == 'hard'").count()
+            n_hard = read_rows(err_dir).filter(expr="kind == 'hard'").count()
     if sink.schema is not None:
         _ensure_schema_file(err_dir, sink.schema.append(pa.field("kind", pa.string())))
 
