@@ -7,8 +7,9 @@ allowed values before any model is loaded.
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -279,6 +280,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> S3Confi
     return config_from_dict(raw, str(path), overrides)
 
 
+def _type_name(ann: Any) -> str:
+    """`int | Literal['auto']`, `str | None`, `list[str]`: a field's type as a person writes it."""
+    if ann is type(None):
+        return "None"
+    if isinstance(ann, type):
+        return ann.__name__
+    if get_origin(ann) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(ann))
+    return str(ann).replace("typing.", "")
+
+
 def explain(model: type[BaseModel] = S3Config, prefix: str = "") -> list[str]:
     """One line per field: dotted name, type, default, description."""
     lines = []
@@ -291,6 +303,6 @@ def explain(model: type[BaseModel] = S3Config, prefix: str = "") -> list[str]:
             lines.extend(explain(sub, dotted + "."))
         else:
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-            tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            tname = _type_name(ann)
             lines.append(f"  {dotted} ({tname}, default {default}): {f.description or ''}")
     return lines

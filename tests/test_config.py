@@ -1,10 +1,18 @@
 """Config loading: defaults, overrides, and errors that name the field and the fix."""
 
+from pathlib import Path
+
 import pytest
 
 from s3ray.config import ConfigError, config_from_dict, explain, load_config
 
-REPO_CONFIGS = ["configs/sst2_quickstart.yaml"]
+REPO_CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", REPO_CONFIGS, ids=lambda p: p.name)
+def test_every_example_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.data.validation and cfg.run.output_dir
 
 
 def test_quickstart_config_loads_with_paper_defaults():
@@ -51,3 +59,10 @@ def test_every_field_is_documented():
     assert any(line.strip().startswith("teacher.sampling.temperature") for line in lines)
     undocumented = [line for line in lines if line.startswith("  ") and line.rstrip().endswith("):")]
     assert not undocumented
+
+
+def test_explain_writes_types_as_people_do():
+    lines = {line.split(" (")[0].strip(): line for line in explain()}
+    assert "(int | Literal['auto'], default 'auto')" in lines["mining.concurrency"]
+    assert "(str | None, default None)" in lines["ray.address"]
+    assert "(int, default 0)" in lines["run.seed"]
