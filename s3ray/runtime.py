@@ -57,6 +57,17 @@ def has_cuda() -> bool:
         return False
 
 
+# Loggers that only say "the State API is unreachable", which is always true on a local cluster started
+# without a dashboard (see `init_ray`).
+_STATE_API_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_state_api_warnings() -> None:
+    """Ray worker setup hook: raise the State-API-polling loggers to ERROR in every worker process."""
+    for name in _STATE_API_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     """Join `address` when given, else start a local cluster. Idempotent."""
     import ray
@@ -79,5 +90,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
             # errors; on a 2-core machine that leaves Ray Data's read tasks no CPU and the pipeline waits
             # forever. Logical CPUs oversubscribe a small machine so every stage can be scheduled.
             num_cpus = max(local_cores(), 4)
+        # Without a dashboard there is no State API, and Ray Train's placement-group cleaner then warns once a
+        # second for a whole training run that it cannot query the controller; the hook quiets that logger.
+        kwargs["runtime_env"]["worker_process_setup_hook"] = "s3ray.runtime.quiet_state_api_warnings"
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
         log.info("started a local Ray cluster: %s", ray.cluster_resources())
