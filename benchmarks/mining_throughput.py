@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
         assert r["n_errors"] == before["n_errors"], (r["n_errors"], before["n_errors"])
         r["load_avg_1m_after"] = os.getloadavg()[0]
         runs[f"concurrency_{c}"] = r
-        print(f"ray data, concurrency {c} ({r['actors']} actors, {r['processes']} ran batches): {r['rows_per_s']:.1f} rows/s ({r['seconds']:.1f}s, "
-              f"start-up {r['startup_s']:.1f}s, in loop {r['in_loop_rows_per_s']:.1f} rows/s)", flush=True)
+        print(f"ray data, concurrency {c} ({r['actors']} actors, {r['processes']} ran batches): "
+              f"{r['rows_per_s']:.1f} rows/s ({r['seconds']:.1f}s, start-up {r['startup_s']:.1f}s, "
+              f"in loop {r['in_loop_rows_per_s']:.1f} rows/s)", flush=True)
     after = run_plain("after")
     plain = {key: (before[key] + after[key]) / 2 for key in ("rows_per_s", "in_loop_rows_per_s", "seconds")}
     plain.update(before=before, after=after, metrics=before["metrics"], n_errors=before["n_errors"])
@@ -205,9 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ray_data_over_plain": {k: v["ray_data_over_plain"] for k, v in runs.items()},
         "in_loop_over_plain": {k: v["in_loop_over_plain"] for k, v in runs.items()},
         "note": "plain: mean of a run before and one after the Ray runs. Both clocks include model load (the "
-        "Ray side: a fresh actor process importing torch); the Ray side also writes predictions/errors Parquet and merges per-block metric summaries. Same predictor, "
-        "rows and batch size. Both sides warmed up on a few batches first. in_loop: first batch start to "
-        "last batch end.",
+        "Ray side: a fresh actor process importing torch); the Ray side also writes predictions/errors Parquet "
+        "and merges per-block metric summaries. Same predictor, rows and batch size. Both sides warmed up on a "
+        "few batches first. in_loop: first batch start to last batch end.",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

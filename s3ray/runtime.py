@@ -19,11 +19,16 @@ def local_cores() -> int:
     return os.cpu_count() or 1
 
 
-def one_node() -> bool:
-    """Whether the Ray cluster is this one machine. Ray must be initialised."""
+def alive_nodes() -> list[dict]:
+    """The Ray cluster's live nodes (`ray.nodes()` entries). Ray must be initialised."""
     import ray
 
-    return len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def one_node() -> bool:
+    """Whether the Ray cluster is this one machine. Ray must be initialised."""
+    return len(alive_nodes()) == 1
 
 
 def cap_to_local_cores(cpus: float) -> float:

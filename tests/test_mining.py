@@ -2,11 +2,12 @@
 
 How "the driver never materialises the set" is checked: every row carries a wide `payload` column (40 kB of
 text), so the 3,000-row set is ~120 MB of Python strings if it ever reaches the driver as rows or pandas.
-The driver's resident memory is sampled (from /proc, by a thread) while a warm `mine_errors` runs, and its growth
-must stay far below that size; a positive control runs the same meter over `take_all()` on the same data and must see it.
-Both run in a fresh driver process joined to the test cluster, so memory freed by earlier tests can't hide growth. (tracemalloc was used first, but its allocator hooks crashed the process when Ray's native threads
-allocated under load.) The pipeline's write tasks return one small summary per block, and the predictions land in
-several Parquet files, never one collected table.
+The driver's resident memory is sampled (from /proc, by a thread) while a warm `mine_errors` runs, and its
+growth must stay far below that size; a positive control runs the same meter over `take_all()` on the same
+data and must see it. Both run in a fresh driver process joined to the test cluster, so memory freed by
+earlier tests can't hide growth. (tracemalloc was used first, but its allocator hooks crashed the process when
+Ray's native threads allocated under load.) The pipeline's write tasks return one small summary per block, and
+the predictions land in several Parquet files, never one collected table.
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ def pair_mining(ray_local, pair_parquet, pair_ckpt, tmp_path_factory):
 def rss_growth():
     """Peak growth of this process's resident memory while the block runs, sampled every 10 ms.
 
-    Memory that earlier tests freed first goes back to the OS (glibc malloc_trim): otherwise the block could
-    reuse those pages and a large allocation would not show as growth."""
+    Memory freed earlier in the process (the warm-up run) first goes back to the OS (glibc malloc_trim):
+    otherwise the block could reuse those pages and an allocation would not show as growth."""
     page = os.sysconf("SC_PAGE_SIZE")
     gc.collect()
     try:

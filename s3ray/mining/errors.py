@@ -242,7 +242,7 @@ def inference_pool(use_gpu: bool, concurrency: int | str) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from s3ray.runtime import cap_to_local_cores, one_node
+    from s3ray.runtime import alive_nodes, cap_to_local_cores
 
     if use_gpu:
         gpus = max(1, int(ray.cluster_resources().get("GPU", 1)))
@@ -257,9 +257,10 @@ def inference_pool(use_gpu: bool, concurrency: int | str) -> dict:
         actors = int(concurrency)
     threads = max(1, cores // actors)
     args: dict = {"compute": ActorPoolStrategy(size=actors)}
-    if not one_node():
-        node_cpus = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
-        args["num_cpus"] = min([threads] + [int(c) for c in node_cpus])  # fits on the smallest node
+    nodes = alive_nodes()
+    if len(nodes) > 1:
+        node_cpus = [int(n["Resources"]["CPU"]) for n in nodes if n["Resources"].get("CPU")]
+        args["num_cpus"] = min([threads] + node_cpus)  # fits on the smallest node
     elif "OMP_NUM_THREADS" not in os.environ:
         args["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
     return args
