@@ -134,6 +134,11 @@ class SynthesisConfig(_Strict):
     rounds: int = Field(2, ge=0, description="R: error-extrapolation rounds.")
     ees_per_error: int = Field(1, ge=1, description="New examples requested per student error.")
     max_ees_per_round: int | None = Field(None, ge=1, description="Cap on errors extrapolated per round.")
+    max_failed_call_fraction: float = Field(
+        0.05, ge=0, le=1,
+        description="A synthesis step fails (and is not recorded) when more of its teacher calls than this "
+        "still fail after retries; --resume then asks again for just those.",
+    )
     min_chars: int = Field(8, ge=1, description="Drop generated texts shorter than this.")
     max_chars: int = Field(1200, ge=1, description="Drop generated texts longer than this.")
     near_duplicate_threshold: float = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from s3ray.pipeline import steps as step_names
 from s3ray.pipeline.rundir import RunDir
 
 
@@ -33,8 +34,8 @@ def build_report(run: RunDir) -> dict:
     second = _secondary_metric_name(cfg["task"]["type"])
     rounds_n = cfg["synthesis"]["rounds"]
 
-    def res(step):
-        return steps.get(step, {}).get("result")
+    def res(step: step_names.Step):
+        return steps.get(step.name, {}).get("result")
 
     def scores(trained: dict | None) -> dict:
         """A trained student's validation and test numbers (None where it has none yet)."""
@@ -46,14 +47,14 @@ def build_report(run: RunDir) -> dict:
     per_round = []
     total_rows = 0
     for r in range(rounds_n + 1):
-        syn = res(f"round{r}/synthesis") or {}
+        syn = res(step_names.synthesis(r)) or {}
         stats = syn.get("stats", {})
         total_rows += syn.get("rows", 0)
-        tr = res(f"round{r}/train") or {}
-        mine = res(f"round{r}/mine") or {}
+        tr = res(step_names.train(r)) or {}
+        mine = res(step_names.mine(r)) or {}
         tokens = stats.get("prompt_tokens", 0) + stats.get("output_tokens", 0)
-        if r == 0 and res("rationales"):
-            tokens += sum(res("rationales")["stats"].get(k, 0) for k in ("prompt_tokens", "output_tokens"))
+        if r == 0 and res(step_names.RATIONALES):
+            tokens += sum(res(step_names.RATIONALES)["stats"].get(k, 0) for k in ("prompt_tokens", "output_tokens"))
         per_round.append({
             "round": r,
             "new_rows": syn.get("rows"),
@@ -67,14 +68,14 @@ def build_report(run: RunDir) -> dict:
         })
 
     last = per_round[-1]
-    eq = res("baseline/equal_budget/train")
-    real = res("baseline/real_validation/train")
+    eq = res(step_names.EQUAL_BUDGET_TRAIN)
+    real = res(step_names.REAL_VALIDATION_TRAIN)
     comparison = [
         {"method": "seed only (round 0, ZeroGen-style)", "train_rows": per_round[0]["train_rows"],
-         **scores(res("round0/train"))},
+         **scores(res(step_names.train(0)))},
         {"method": "seed only, equal budget", "train_rows": eq and eq["n_train"], **scores(eq)},
         {"method": f"S3 after {rounds_n} round(s)", "train_rows": last["train_rows"],
-         **scores(res(f"round{rounds_n}/train"))},
+         **scores(res(step_names.train(rounds_n)))},
         {"method": "real validation rows only", "train_rows": real and real["n_train"], **scores(real),
          "note": real and f"epoch picked on {real.get('holdout_rows')} held-out validation rows"},
     ]
@@ -98,7 +99,7 @@ def build_report(run: RunDir) -> dict:
         "generation": generation,
         "timings": timings,
         "total_seconds": round(sum(t["seconds"] for t in timings), 1),
-        "complete": steps.get(f"round{rounds_n}/train") is not None,
+        "complete": step_names.train(rounds_n).name in steps,
     }
 
 
@@ -187,7 +188,7 @@ def _markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(run: RunDir, cfg=None) -> dict:
+def write_report(run: RunDir) -> dict:
     rep = build_report(run)
     (run.path / "report.json").write_text(json.dumps(rep, indent=2))
     _plot(rep, run.path / "report.png")

@@ -103,5 +103,13 @@ class RunDir:
         os.replace(tmp, p)
         return str(p)
 
+    def rel(self, path: str | Path) -> str:
+        """`path` relative to the run directory, as results record it (a moved run still finds it)."""
+        return os.path.relpath(Path(path).resolve(), self.path.resolve())
+
+    def abs(self, rel: str | Path) -> Path:
+        """A recorded path in this run directory (absolute paths of older manifests pass through)."""
+        return self.path / rel
+
     def read_parquet(self, rel: str) -> list[dict]:
         return pq.read_table(self.path / rel).to_pylist()

@@ -8,23 +8,35 @@ the real validation rows alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
-from s3ray.config import S3Config
+import pyarrow.parquet as pq
+
+from s3ray.config import ConfigError, S3Config
 from s3ray.data.load import card_labels, load_rows, split_holdout
+from s3ray.mining import mine_errors
 from s3ray.models import resolve_student, resolve_teacher
+from s3ray.pipeline import steps
+from s3ray.pipeline.report import write_report
 from s3ray.pipeline.rundir import RunDir
+from s3ray.pipeline.steps import MiningResult, RationalesResult, StudentResult, SynthesisResult
+from s3ray.runtime import init_ray, set_cache_dirs
+from s3ray.student import evaluate_student, train_student
 from s3ray.synthesis.collect import SynthesisStats, collect_examples, collect_rationales, rows_to_table
 from s3ray.synthesis.dedup import Deduplicator
 from s3ray.synthesis.plan import cap_errors, plan_ees, plan_rationales, plan_seed
 from s3ray.tasks import make_task
+from s3ray.teacher.pool import TeacherPool
 
 log = logging.getLogger("s3ray")
+R = TypeVar("R")
 
 
 @dataclass
@@ -41,7 +53,6 @@ class RunInputs:
 
 def prepare_inputs(cfg: S3Config, resolve_models: bool = True) -> RunInputs:
     """Load and validate data and models; raises DataError/ModelNotFound/ConfigError with the fix."""
-    from s3ray.config import ConfigError
     from s3ray.data.load import DataError
 
     for name in ("validation", "test", "contexts"):
@@ -81,17 +92,39 @@ class StopRun(Exception):
     """Raised after the step named by `stop_after` finished (a planned pause; resume continues)."""
 
 
-def _timed(run: RunDir, step: str, fn, stop_after: str | None = None):
-    """Run `fn` unless the manifest says `step` is done; record its result and time."""
-    if run.done(step):
-        log.info("[resume] %s already done, skipping", step)
-        return run.result(step)
-    log.info("== %s", step)
-    t0 = time.time()
-    result = run.finish(step, fn(), time.time() - t0)
-    if stop_after == step:
-        raise StopRun(step)
-    return result
+class StepFailed(RuntimeError):
+    """A step could not produce a sound result; nothing was recorded, so a resume runs it again."""
+
+
+class StepRecorder:
+    """Runs a step unless the manifest says it is done, and records its typed result and time."""
+
+    def __init__(self, run: RunDir, stop_after: str | None = None):
+        self.run, self.stop_after = run, stop_after
+
+    def __call__(self, step: steps.Step[R], fn: Callable[..., R], *args) -> R:
+        """`fn(*args)`, or the result recorded for `step` by an earlier attempt of this run."""
+        if self.run.done(step.name):
+            log.info("[resume] %s already done, skipping", step)
+            return step.load(self.run.result(step.name))
+        log.info("== %s", step)
+        t0 = time.time()
+        result = fn(*args)
+        self.run.finish(step.name, dataclasses.asdict(result), time.time() - t0)
+        if self.stop_after == step.name:
+            raise StopRun(step.name)
+        return result
+
+
+def check_failed_calls(stats: SynthesisStats, limit: float, desc: str) -> None:
+    """Too many teacher calls still failed after their retries: fail the step before it is recorded, so a
+    resume asks the teacher again for just those (successful calls are answered by the cache)."""
+    if stats.requested and stats.failed_calls > limit * stats.requested:
+        raise StepFailed(
+            f"{desc}: {stats.failed_calls} of {stats.requested} teacher calls failed (more than "
+            f"synthesis.max_failed_call_fraction={limit}); fix the teacher, then --resume: only the failed "
+            "calls are made again"
+        )
 
 
 class S3Steps:
@@ -119,69 +152,65 @@ class S3Steps:
             d.add(self.task.dedup_text(r))
         return d
 
-    def _synthesize(self, planned, rows_so_far, rel: str, desc: str) -> dict:
+    def _synthesize(self, planned, rows_so_far, rel: str, desc: str, may_be_empty: bool = True) -> SynthesisResult:
         rows, stats = collect_examples(planned, self.generate(planned, desc), self.task,
                                        self.new_dedup(rows_so_far), self.teacher.model_name)
-        if not rows and rel.endswith("round_0.parquet"):
-            raise RuntimeError(
-                f"seed synthesis kept no rows out of {stats.requested} requests (dropped: {dict(stats.dropped)}, "
+        check_failed_calls(stats, self.syn.max_failed_call_fraction, desc)
+        if not rows and not may_be_empty:
+            raise StepFailed(
+                f"{desc} kept no rows out of {stats.requested} requests (dropped: {dict(stats.dropped)}, "
                 f"failed calls: {stats.failed_calls}); check the teacher model and prompts"
             )
         self.run.write_parquet(rel, rows_to_table(rows, self.task))
         log.info("%s: kept %d of %d (%s)", desc, stats.kept, stats.requested, dict(stats.dropped) or "no drops")
-        return {"path": rel, "rows": len(rows), "stats": stats.to_dict()}
+        return SynthesisResult(path=rel, rows=len(rows), stats=stats.to_dict())
 
     # Step 1
-    def write_rationales(self) -> dict:
+    def write_rationales(self) -> RationalesResult:
         planned = plan_rationales(self.task, self.syn.num_rationales, self.cfg.teacher.sampling, self.seed)
         got, stats = collect_rationales(planned, self.generate(planned, "rationales"), self.task,
                                         self.syn.num_rationales)
+        check_failed_calls(stats, self.syn.max_failed_call_fraction, "rationales")
         empty = [lab for lab, rs in got.items() if not rs]
         if empty:
             log.warning("no usable rationales for labels %s: their seed prompts go without", empty)
-        return {"rationales": got, "stats": stats.to_dict()}
+        return RationalesResult(rationales=got, stats=stats.to_dict())
 
     # Step 2
-    def synthesize_seed(self, rationales: dict[str, list[str]]) -> dict:
+    def synthesize_seed(self, rationales: dict[str, list[str]]) -> SynthesisResult:
         planned = plan_seed(self.task, self.syn.seed_examples, rationales, self.syn.rationales_per_example,
                             self.inputs.contexts, self.cfg.teacher.sampling, self.seed)
-        return self._synthesize(planned, [], "rounds/round_0.parquet", "seed synthesis")
+        return self._synthesize(planned, [], steps.round_file(0), "seed synthesis", may_be_empty=False)
 
     # Step 3 (and every baseline student)
-    def train(self, rows: list[dict], val_rows: list[dict], name: str) -> dict:
-        from s3ray.student import evaluate_student, train_student
-
+    def train(self, rows: list[dict], val_rows: list[dict], name: str) -> StudentResult:
         res = train_student(rows, val_rows, self.task, self.cfg.student, self.inputs.student_path,
                             self.run.path / "students" / name, seed=self.seed, desc=f"student {name}")
-        out = {"checkpoint": res.checkpoint, "best_epoch": res.best_epoch, "val": res.val_metrics,
-               "history": res.history, "n_train": res.n_train, "train_seconds": res.train_seconds}
+        test = None
         if self.inputs.test:
-            out["test"] = evaluate_student(res.checkpoint, self.inputs.test, self.task, self.cfg.student)
-        return out
+            test = evaluate_student(res.checkpoint, self.inputs.test, self.task, self.cfg.student)
+        return StudentResult(checkpoint=self.run.rel(res.checkpoint), best_epoch=res.best_epoch,
+                             val=res.val_metrics, history=res.history, n_train=res.n_train,
+                             train_seconds=res.train_seconds, test=test)
 
     # Step 4
-    def mine_errors(self, checkpoint: str, round_: int) -> dict:
-        from s3ray.mining import mine_errors
-
-        res = mine_errors(checkpoint, self.val_path, self.task, self.cfg.student, self.cfg.mining,
-                          self.run.path / "mining" / f"round{round_}")
-        return {"errors_path": res.errors_path, "n_rows": res.n_rows, "n_errors": res.n_errors,
-                "n_hard": res.n_hard, "metrics": res.metrics}
+    def mine_errors(self, student: StudentResult, round_: int) -> MiningResult:
+        res = mine_errors(str(self.run.abs(student.checkpoint)), self.val_path, self.task, self.cfg.student,
+                          self.cfg.mining, self.run.path / "mining" / f"round{round_}")
+        return MiningResult(errors_path=self.run.rel(res.errors_path), n_rows=res.n_rows, n_errors=res.n_errors,
+                            n_hard=res.n_hard, metrics=res.metrics)
 
     # Step 5
-    def extrapolate_errors(self, mined: dict, rows_so_far: list[dict], round_: int) -> dict:
-        import pyarrow.parquet as pq
-
-        errors = pq.read_table(mined["errors_path"]).to_pylist()
+    def extrapolate_errors(self, mined: MiningResult, rows_so_far: list[dict], round_: int) -> SynthesisResult:
+        errors = pq.read_table(self.run.abs(mined.errors_path)).to_pylist()
         errors = cap_errors(errors, self.syn.max_ees_per_round, self.seed, round_)
         planned = plan_ees(self.task, errors, self.syn.ees_per_error, round_, self.cfg.teacher.sampling, self.seed)
-        return self._synthesize(planned, rows_so_far, f"rounds/round_{round_}.parquet",
-                                f"error extrapolation {round_}")
+        return self._synthesize(planned, rows_so_far, steps.round_file(round_), f"error extrapolation {round_}")
 
     # Equal-budget baseline
-    def synthesize_extra_seed(self, rationales: dict[str, list[str]], target: int) -> dict:
+    def synthesize_extra_seed(self, rationales: dict[str, list[str]], target: int) -> SynthesisResult:
         """More seed rows (same prompts, continued numbering) until seed + extra == the final S3 set size."""
-        seed_rows = self.run.read_parquet("rounds/round_0.parquet")
+        seed_rows = self.run.read_parquet(steps.round_file(0))
         dedup = self.new_dedup(seed_rows)  # a seed-only run never saw the EES rows
         have, extra, total = len(seed_rows), [], SynthesisStats()
         start = self.syn.seed_examples
@@ -198,27 +227,27 @@ class S3Steps:
                                            self.teacher.model_name)
             total.add(stats)
             extra.extend(rows)
+        check_failed_calls(total, self.syn.max_failed_call_fraction, "equal-budget seed synthesis")
         extra = extra[: max(0, target - have)]
         surplus = total.kept - len(extra)  # the last batch overshoots; say so instead of reporting it as kept
         if surplus > 0:
             total.dropped["beyond_equal_budget"] += surplus
             total.kept = len(extra)
-        self.run.write_parquet("baseline/extra_seed.parquet", rows_to_table(extra, self.task))
+        self.run.write_parquet(steps.EXTRA_SEED_FILE, rows_to_table(extra, self.task))
         if have + len(extra) < target:
             log.warning("equal-budget baseline: only %d of %d seed rows after 5 attempts", have + len(extra), target)
-        return {"path": "baseline/extra_seed.parquet", "rows": len(extra), "target": min(target, have + len(extra)),
-                "stats": total.to_dict()}
+        return SynthesisResult(path=steps.EXTRA_SEED_FILE, rows=len(extra), stats=total.to_dict(),
+                               target=min(target, have + len(extra)))
 
-    def train_equal_budget(self) -> dict:
-        rows = self.rows(["rounds/round_0.parquet", "baseline/extra_seed.parquet"])
-        target = self.run.result("baseline/equal_budget/synthesis")["target"]
-        return self.train(rows[:target], self.inputs.validation, "equal_budget")
+    def train_equal_budget(self, extra: SynthesisResult) -> StudentResult:
+        rows = self.rows([steps.round_file(0), steps.EXTRA_SEED_FILE])
+        return self.train(rows[: extra.target], self.inputs.validation, "equal_budget")
 
     # Real-data baseline: its epoch is picked on held-out validation rows, never on test.
-    def train_real_validation(self) -> dict:
+    def train_real_validation(self) -> StudentResult:
         tr, hold = split_holdout(self.inputs.validation, self.cfg.baselines.real_holdout_fraction, self.seed)
         out = self.train(tr, hold, "real_validation")
-        out["holdout_rows"] = len(hold)
+        out.holdout_rows = len(hold)
         return out
 
 
@@ -229,52 +258,56 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
     `stop_after` names a step (as in manifest.json, e.g. "round1/synthesis") after which the run pauses;
     `resume=True` continues it later.
     """
-    from s3ray.pipeline.report import write_report
-    from s3ray.runtime import init_ray, set_cache_dirs
-
+    if stop_after:
+        try:
+            steps.check_step_name(stop_after, cfg.synthesis.rounds)
+        except ValueError as e:
+            raise ConfigError(f"--stop-after: {e}") from None
     inputs = inputs or prepare_inputs(cfg)
     run = RunDir(cfg.run.output_dir, cfg.model_dump(mode="json"), resume)
     set_cache_dirs(run.path / "cache")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    from s3ray.teacher.pool import TeacherPool
-
     # Replicas start at the first request the generation cache can't answer.
     teacher = TeacherPool(cfg.teacher, inputs.teacher_path, run_seed=cfg.run.seed,
                           cache_path=run.path / "teacher_cache.sqlite", model_name=cfg.teacher.model,
                           lazy_start=True)
-    s3 = S3Steps(cfg, inputs, run, teacher)
-    step = partial(_timed, run, stop_after=stop_after)
-    rounds = cfg.synthesis.rounds
     try:
-        rationales: dict[str, list[str]] = {}
-        if cfg.uses_rationales and inputs.task.labels:
-            rationales = step("rationales", s3.write_rationales)["rationales"]
-        step("round0/synthesis", partial(s3.synthesize_seed, rationales))
-        round_files = ["rounds/round_0.parquet"]
-
-        for r in range(rounds):
-            rows = s3.rows(round_files)
-            student = step(f"round{r}/train", partial(s3.train, rows, inputs.validation, f"round{r}"))
-            mined = step(f"round{r}/mine", partial(s3.mine_errors, student["checkpoint"], r))
-            step(f"round{r + 1}/synthesis", partial(s3.extrapolate_errors, mined, rows, r + 1))
-            round_files.append(f"rounds/round_{r + 1}.parquet")
-
-        final_rows = s3.rows(round_files)
-        run.write_parquet("final/train.parquet", rows_to_table(final_rows, inputs.task))
-        if cfg.baselines.equal_budget:  # its extra seed rows need the teacher: generate them before release
-            step("baseline/equal_budget/synthesis", partial(s3.synthesize_extra_seed, rationales, len(final_rows)))
-        teacher.shutdown()  # frees its CPUs/GPUs for the students
-        step(f"round{rounds}/train", partial(s3.train, final_rows, inputs.validation, f"round{rounds}"))
-
-        if cfg.baselines.equal_budget:
-            step("baseline/equal_budget/train", s3.train_equal_budget)
-        if cfg.baselines.real_validation:
-            step("baseline/real_validation/train", s3.train_real_validation)
+        _run_steps(S3Steps(cfg, inputs, run, teacher), StepRecorder(run, stop_after))
     except StopRun as stop:
         log.info("stopped after %s as asked; continue with --resume", stop)
     finally:
         teacher.shutdown()
-    return write_report(run, cfg)
+    return write_report(run)
+
+
+def _run_steps(s3: S3Steps, step: StepRecorder) -> None:
+    """The paper's loop, then the baselines, in the order the manifest records them."""
+    cfg, inputs, rounds = s3.cfg, s3.inputs, s3.cfg.synthesis.rounds
+    rationales: dict[str, list[str]] = {}
+    if cfg.uses_rationales and inputs.task.labels:
+        rationales = step(steps.RATIONALES, s3.write_rationales).rationales
+    step(steps.synthesis(0), s3.synthesize_seed, rationales)
+    round_files = [steps.round_file(0)]
+
+    for r in range(rounds):
+        rows = s3.rows(round_files)
+        student = step(steps.train(r), s3.train, rows, inputs.validation, f"round{r}")
+        mined = step(steps.mine(r), s3.mine_errors, student, r)
+        step(steps.synthesis(r + 1), s3.extrapolate_errors, mined, rows, r + 1)
+        round_files.append(steps.round_file(r + 1))
+
+    final_rows = s3.rows(round_files)
+    s3.run.write_parquet(steps.FINAL_TRAIN_FILE, rows_to_table(final_rows, inputs.task))
+    extra = None
+    if cfg.baselines.equal_budget:  # its extra seed rows need the teacher: generate them before release
+        extra = step(steps.EQUAL_BUDGET_SYNTHESIS, s3.synthesize_extra_seed, rationales, len(final_rows))
+    s3.teacher.shutdown()  # frees its CPUs/GPUs for the students
+    step(steps.train(rounds), s3.train, final_rows, inputs.validation, f"round{rounds}")
+
+    if extra is not None:
+        step(steps.EQUAL_BUDGET_TRAIN, s3.train_equal_budget, extra)
+    if cfg.baselines.real_validation:
+        step(steps.REAL_VALIDATION_TRAIN, s3.train_real_validation)
 
 
 def _real_table(rows: list[dict]):

@@ -1,0 +1,118 @@
+"""The S3 run's steps: their names (as recorded in manifest.json) and the typed result each one records.
+
+One module owns the names, so the loop (`s3.py`), the report (`report.py`) and the CLI's `--stop-after`
+check never rebuild them from f-strings of their own. A result is a small dataclass; the manifest holds
+`dataclasses.asdict(result)` and `Step.load` turns it back, ignoring keys an older s3ray wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+R = TypeVar("R")
+
+
+def _from_dict(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class RationalesResult:
+    rationales: dict[str, list[str]]
+    stats: dict  # SynthesisStats.to_dict()
+
+
+@dataclass
+class SynthesisResult:
+    """Rows kept by one synthesis step; `path` is relative to the run directory."""
+
+    path: str
+    rows: int
+    stats: dict  # SynthesisStats.to_dict()
+    target: int | None = None  # equal-budget baseline: seed rows it had to reach
+
+
+@dataclass
+class StudentResult:
+    """A trained student: best-epoch checkpoint (relative to the run directory) and its scores."""
+
+    checkpoint: str
+    best_epoch: int
+    val: dict
+    history: list
+    n_train: int
+    train_seconds: float
+    test: dict | None = None
+    holdout_rows: int | None = None  # students whose epoch was picked on held-out real rows
+
+
+@dataclass
+class MiningResult:
+    """The student's errors on the real validation set; `errors_path` is relative to the run directory."""
+
+    errors_path: str
+    n_rows: int
+    n_errors: int
+    n_hard: int
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step(Generic[R]):
+    """A named step and the type of what it records."""
+
+    name: str
+    result: type
+
+    def load(self, recorded: dict[str, Any]) -> R:
+        return _from_dict(self.result, recorded)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+RATIONALES: Step[RationalesResult] = Step("rationales", RationalesResult)
+EQUAL_BUDGET_SYNTHESIS: Step[SynthesisResult] = Step("baseline/equal_budget/synthesis", SynthesisResult)
+EQUAL_BUDGET_TRAIN: Step[StudentResult] = Step("baseline/equal_budget/train", StudentResult)
+REAL_VALIDATION_TRAIN: Step[StudentResult] = Step("baseline/real_validation/train", StudentResult)
+
+
+def synthesis(round_: int) -> Step[SynthesisResult]:
+    """Round 0 is seed synthesis; round r > 0 extrapolates the errors mined after round r - 1."""
+    return Step(f"round{round_}/synthesis", SynthesisResult)
+
+
+def train(round_: int) -> Step[StudentResult]:
+    return Step(f"round{round_}/train", StudentResult)
+
+
+def mine(round_: int) -> Step[MiningResult]:
+    return Step(f"round{round_}/mine", MiningResult)
+
+
+def round_file(round_: int) -> str:
+    """Where a round's kept rows live, relative to the run directory."""
+    return f"rounds/round_{round_}.parquet"
+
+
+EXTRA_SEED_FILE = "baseline/extra_seed.parquet"
+FINAL_TRAIN_FILE = "final/train.parquet"
+
+_ROUND_STEP = re.compile(r"^round(\d+)/(synthesis|train|mine)$")
+
+
+def check_step_name(name: str, rounds: int) -> str:
+    """`name` if a run with `rounds` extrapolation rounds has such a step, else ValueError naming the choices."""
+    fixed = {RATIONALES.name, EQUAL_BUDGET_SYNTHESIS.name, EQUAL_BUDGET_TRAIN.name, REAL_VALIDATION_TRAIN.name}
+    m = _ROUND_STEP.match(name)
+    if name in fixed or (m and int(m.group(1)) <= rounds and not (m.group(2) == "mine" and int(m.group(1)) == rounds)):
+        return name
+    raise ValueError(
+        f"unknown step {name!r}: steps are {RATIONALES}, round0/synthesis, roundN/train and roundN/mine "
+        f"(N < {rounds}), roundN/synthesis (1 <= N <= {rounds}), round{rounds}/train, "
+        f"{EQUAL_BUDGET_SYNTHESIS}, {EQUAL_BUDGET_TRAIN}, {REAL_VALIDATION_TRAIN}"
+    )
