@@ -134,6 +134,11 @@ class SynthesisConfig(_Strict):
     rounds: int = Field(2, ge=0, description="R: error-extrapolation rounds.")
     ees_per_error: int = Field(1, ge=1, description="New examples requested per student error.")
     max_ees_per_round: int | None = Field(None, ge=1, description="Cap on errors extrapolated per round.")
+    ees_balance: Literal["none", "per_label"] = Field(
+        "none",
+        description="none: the paper's EES (one request per error per ees_per_error). per_label: the same budget "
+        "split into equal per-label quotas, so a biased student does not get a round biased the other way.",
+    )
     max_failed_call_fraction: float = Field(
         0.05, ge=0, le=1,
         description="A synthesis step fails (and is not recorded) when more of its teacher calls than this "
@@ -189,6 +194,10 @@ class BaselinesConfig(_Strict):
         True, description="Train a seed-only student on as many seed rows as the final S3 set (extra generation)."
     )
     real_validation: bool = Field(True, description="Train a student on the real validation rows alone.")
+    s3_plus_real: bool = Field(
+        True, description="Train a student on the final synthetic set plus the real validation rows (its epoch "
+        "picked on held-out real rows): what a user holding those rows would do.",
+    )
     real_holdout_fraction: float = Field(
         0.2, gt=0, lt=1, description="Part of the validation rows held out to pick that student's epoch."
     )

@@ -79,9 +79,12 @@ def test_full_round_pause_crash_resume(tmp_path, ray_local, tiny_teacher_dir, ti
         assert row["label"] == val[row["parent_error_id"]]["label"]
     assert all(r["teacher_model"] and r["prompt_hash"] and r["seed"] is not None for r in final)
 
-    # The report: four students measured side by side, tokens per round, drops counted, plot written.
+    # The report: five students measured side by side, tokens per round, drops counted, plot written.
     methods = [c["method"] for c in report["comparison"]]
-    assert len(methods) == 4 and all(c["test"] is not None for c in report["comparison"])
+    assert len(methods) == 5 and all(c["test"] is not None for c in report["comparison"])
+    plus = after["baseline/s3_plus_real/train"]["result"]  # the final synthetic set plus the real train rows
+    real = after["baseline/real_validation/train"]["result"]
+    assert plus["n_train"] == len(final) + real["n_train"] and plus["holdout_rows"] == real["holdout_rows"]
     eq = after["baseline/equal_budget/train"]["result"]
     assert eq["n_train"] == len(final)  # equal budget means equal size
     assert report["rounds"][0]["teacher_tokens"] > 0 and report["complete"]

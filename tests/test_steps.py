@@ -72,3 +72,41 @@ def test_a_synthesis_step_with_too_many_failed_calls_fails_before_it_is_recorded
     check_failed_calls(SynthesisStats(requested=100, failed_calls=5), 0.05, "seed synthesis")  # at the limit
     with pytest.raises(StepFailed, match=r"6 of 100 teacher calls failed .*max_failed_call_fraction=0.05"):
         check_failed_calls(SynthesisStats(requested=100, failed_calls=6), 0.05, "seed synthesis")
+
+
+def _errors(n_pos: int, n_neg: int) -> list[dict]:
+    return ([{"id": f"p{i}", "label": "positive"} for i in range(n_pos)]
+            + [{"id": f"n{i}", "label": "negative"} for i in range(n_neg)])
+
+
+def test_balanced_ees_gives_each_label_an_equal_quota_of_the_same_budget():
+    from s3ray.synthesis.plan import balanced_counts
+
+    # The quickstart's round 2: 319 errors on positive rows, 4 on negative ones.
+    counts = balanced_counts(_errors(319, 4), ["negative", "positive"], 1, run_seed=0, round_=2)
+    per_label = {"positive": 0, "negative": 0}
+    for rid, n in counts.items():
+        per_label["positive" if rid.startswith("p") else "negative"] += n
+    assert per_label["positive"] == 323 // 2  # a seeded sample of the positive errors, one request each
+    assert all(n == 1 for rid, n in counts.items() if rid.startswith("p"))
+    assert per_label["negative"] == 4 * 4  # few errors: several rows each, at most max_factor per error
+    assert counts == balanced_counts(_errors(319, 4), ["negative", "positive"], 1, run_seed=0, round_=2)
+    assert counts != balanced_counts(_errors(319, 4), ["negative", "positive"], 1, run_seed=0, round_=3)
+
+    # Balanced errors stay one request per error; the budget never grows.
+    even = balanced_counts(_errors(50, 50), ["negative", "positive"], 1, run_seed=0, round_=1)
+    assert len(even) == 100 and set(even.values()) == {1}
+    assert sum(balanced_counts(_errors(7, 30), ["negative", "positive"], 2, 0, 1).values()) <= 37 * 2
+
+
+def test_plan_ees_asks_the_balanced_number_of_rows_per_error_with_unique_ids():
+    from s3ray.config import SamplingConfig, SynthesisConfig, TaskConfig
+    from s3ray.synthesis.plan import plan_ees
+    from s3ray.tasks import make_task
+
+    task = make_task(TaskConfig(labels=["negative", "positive"]), ["negative", "positive"], SynthesisConfig())
+    errors = [{"id": "a", "label": "negative", "text": "bad film"}, {"id": "b", "label": "positive", "text": "fun"}]
+    planned = plan_ees(task, errors, 1, 1, SamplingConfig(), 0, counts={"a": 3})
+    ids = [p.request.request_id for p in planned]
+    assert ids == ["ees/round1/a/0", "ees/round1/a/1", "ees/round1/a/2"]
+    assert {p.label for p in planned} == {"negative"} and all(p.parent_error_id == "a" for p in planned)

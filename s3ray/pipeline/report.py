@@ -79,6 +79,10 @@ def build_report(run: RunDir) -> dict:
         {"method": "real validation rows only", "train_rows": real and real["n_train"], **scores(real),
          "note": real and f"epoch picked on {real.get('holdout_rows')} held-out validation rows"},
     ]
+    plus = res(step_names.S3_PLUS_REAL_TRAIN)
+    if plus:  # runs made before this student existed have no such row
+        comparison.append({"method": "S3 + real validation rows", "train_rows": plus["n_train"], **scores(plus),
+                           "note": f"epoch picked on {plus.get('holdout_rows')} held-out validation rows"})
 
     generation = []
     for name, step in steps.items():

@@ -31,7 +31,7 @@ from s3ray.runtime import init_ray, set_cache_dirs
 from s3ray.student import evaluate_student, train_student
 from s3ray.synthesis.collect import SynthesisStats, collect_examples, collect_rationales, rows_to_table
 from s3ray.synthesis.dedup import Deduplicator
-from s3ray.synthesis.plan import cap_errors, plan_ees, plan_rationales, plan_seed
+from s3ray.synthesis.plan import balanced_counts, cap_errors, plan_ees, plan_rationales, plan_seed
 from s3ray.tasks import make_task
 from s3ray.teacher.pool import TeacherPool
 
@@ -68,6 +68,9 @@ def prepare_inputs(cfg: S3Config, resolve_models: bool = True) -> RunInputs:
                 "set task.labels: [label_a, label_b, ...]"
             )
     task = make_task(cfg.task, labels, cfg.synthesis)
+    if cfg.synthesis.ees_balance != "none" and not task.labels:
+        raise ConfigError("synthesis.ees_balance: per-label quotas need labels, and this task has none; "
+                          "set synthesis.ees_balance: none")
     seed = cfg.run.seed
     val = load_rows(cfg.data.validation, task, "validation", cfg.task.field_map, cfg.data.validation_size, seed)
     test = None
@@ -204,7 +207,11 @@ class S3Steps:
     def extrapolate_errors(self, mined: MiningResult, rows_so_far: list[dict], round_: int) -> SynthesisResult:
         errors = pq.read_table(self.run.abs(mined.errors_path)).to_pylist()
         errors = cap_errors(errors, self.syn.max_ees_per_round, self.seed, round_)
-        planned = plan_ees(self.task, errors, self.syn.ees_per_error, round_, self.cfg.teacher.sampling, self.seed)
+        counts = None
+        if self.syn.ees_balance == "per_label":
+            counts = balanced_counts(errors, self.task.labels, self.syn.ees_per_error, self.seed, round_)
+        planned = plan_ees(self.task, errors, self.syn.ees_per_error, round_, self.cfg.teacher.sampling, self.seed,
+                           counts)
         return self._synthesize(planned, rows_so_far, steps.round_file(round_), f"error extrapolation {round_}")
 
     # Equal-budget baseline
@@ -243,10 +250,10 @@ class S3Steps:
         rows = self.rows([steps.round_file(0), steps.EXTRA_SEED_FILE])
         return self.train(rows[: extra.target], self.inputs.validation, "equal_budget")
 
-    # Real-data baseline: its epoch is picked on held-out validation rows, never on test.
-    def train_real_validation(self) -> StudentResult:
+    # Students that see real rows: their epoch is picked on held-out validation rows, never on test.
+    def train_with_real_rows(self, synthetic: list[dict], name: str) -> StudentResult:
         tr, hold = split_holdout(self.inputs.validation, self.cfg.baselines.real_holdout_fraction, self.seed)
-        out = self.train(tr, hold, "real_validation")
+        out = self.train(synthetic + tr, hold, name)
         out.holdout_rows = len(hold)
         return out
 
@@ -307,7 +314,9 @@ def _run_steps(s3: S3Steps, step: StepRecorder) -> None:
     if extra is not None:
         step(steps.EQUAL_BUDGET_TRAIN, s3.train_equal_budget, extra)
     if cfg.baselines.real_validation:
-        step(steps.REAL_VALIDATION_TRAIN, s3.train_real_validation)
+        step(steps.REAL_VALIDATION_TRAIN, s3.train_with_real_rows, [], "real_validation")
+    if cfg.baselines.s3_plus_real:
+        step(steps.S3_PLUS_REAL_TRAIN, s3.train_with_real_rows, final_rows, "s3_plus_real")
 
 
 def _real_table(rows: list[dict]):

@@ -79,6 +79,7 @@ RATIONALES: Step[RationalesResult] = Step("rationales", RationalesResult)
 EQUAL_BUDGET_SYNTHESIS: Step[SynthesisResult] = Step("baseline/equal_budget/synthesis", SynthesisResult)
 EQUAL_BUDGET_TRAIN: Step[StudentResult] = Step("baseline/equal_budget/train", StudentResult)
 REAL_VALIDATION_TRAIN: Step[StudentResult] = Step("baseline/real_validation/train", StudentResult)
+S3_PLUS_REAL_TRAIN: Step[StudentResult] = Step("baseline/s3_plus_real/train", StudentResult)
 
 
 def synthesis(round_: int) -> Step[SynthesisResult]:
@@ -107,12 +108,14 @@ _ROUND_STEP = re.compile(r"^round(\d+)/(synthesis|train|mine)$")
 
 def check_step_name(name: str, rounds: int) -> str:
     """`name` if a run with `rounds` extrapolation rounds has such a step, else ValueError naming the choices."""
-    fixed = {RATIONALES.name, EQUAL_BUDGET_SYNTHESIS.name, EQUAL_BUDGET_TRAIN.name, REAL_VALIDATION_TRAIN.name}
+    fixed = {s.name for s in (RATIONALES, EQUAL_BUDGET_SYNTHESIS, EQUAL_BUDGET_TRAIN, REAL_VALIDATION_TRAIN,
+                              S3_PLUS_REAL_TRAIN)}
     m = _ROUND_STEP.match(name)
-    if name in fixed or (m and int(m.group(1)) <= rounds and not (m.group(2) == "mine" and int(m.group(1)) == rounds)):
+    last_mine = m and m.group(2) == "mine" and int(m.group(1)) == rounds  # the final student is not mined
+    if name in fixed or (m and int(m.group(1)) <= rounds and not last_mine):
         return name
     raise ValueError(
         f"unknown step {name!r}: steps are {RATIONALES}, round0/synthesis, roundN/train and roundN/mine "
         f"(N < {rounds}), roundN/synthesis (1 <= N <= {rounds}), round{rounds}/train, "
-        f"{EQUAL_BUDGET_SYNTHESIS}, {EQUAL_BUDGET_TRAIN}, {REAL_VALIDATION_TRAIN}"
+        f"{EQUAL_BUDGET_SYNTHESIS}, {EQUAL_BUDGET_TRAIN}, {REAL_VALIDATION_TRAIN}, {S3_PLUS_REAL_TRAIN}"
     )

@@ -1,4 +1,4 @@
-"""Planning teacher requests for the three kinds of synthesis (METHOD.md steps 1, 2 and 5).
+"""Planning teacher requests for the three kinds of synthesis (docs/method.md, steps 1, 2 and 5).
 
 Every request gets an id that is stable across resumes (so the generation cache finds it) and an explicit
 sampling seed derived from the run seed and that id: samples differ per request yet the run is reproducible.
@@ -19,7 +19,7 @@ class Planned:
     """A teacher request plus what the resulting row will record about where it came from."""
 
     request: GenerationRequest
-    source: str  # "rationale" | "seed" | "ees" | "seed_extra"
+    source: str  # "rationale" | "seed" | "ees"
     round: int
     label: str | None = None
     context: dict | None = None  # the real row whose context is kept (pair premise, QA paragraph)
@@ -96,11 +96,41 @@ def cap_errors(errors: list[dict], cap: int | None, run_seed: int, round_: int) 
     return [e for i, e in enumerate(errors) if i in keep]
 
 
-def plan_ees(task, errors: list[dict], per_error: int, round_: int, sampling_cfg, run_seed: int) -> list[Planned]:
-    """Step 5: per student error, `per_error` requests for a similar example with the GOLD label."""
+def balanced_counts(errors: list[dict], labels: list[str], per_error: int, run_seed: int, round_: int,
+                    max_factor: int = 4) -> dict[str, int]:
+    """Class-balanced EES: requests per error id, with each label getting an equal share of the round's budget.
+
+    Plain EES asks `per_error` new rows per error, so a student biased towards one label gets a round biased the
+    other way, and the next student swings back (the loop oscillates). Here the same budget
+    (len(errors) * per_error) is split into equal per-label quotas: a label with more errors than its quota
+    extrapolates a seeded sample of them; one with fewer asks several rows per error, at most
+    `max_factor * per_error`. A label with no errors leaves its quota unspent (nothing to extrapolate from).
+    """
+    by_label: dict[str, list[dict]] = {lab: [] for lab in labels}
+    for err in sorted(errors, key=lambda e: str(e["id"])):
+        by_label.setdefault(err["label"], []).append(err)
+    quota = len(errors) * per_error // max(1, len(labels))
+    counts: dict[str, int] = {}
+    for label, errs in by_label.items():
+        if not errs:
+            continue
+        ceiling = max_factor * per_error
+        base, extra = divmod(min(quota, len(errs) * ceiling), len(errs))
+        order = random.Random(derive_seed(run_seed, "ees_balance", round_, label)).sample(range(len(errs)), len(errs))
+        for rank, i in enumerate(order):
+            n = base + (1 if rank < extra else 0)
+            if n:
+                counts[str(errs[i]["id"])] = n
+    return counts
+
+
+def plan_ees(task, errors: list[dict], per_error: int, round_: int, sampling_cfg, run_seed: int,
+             counts: dict[str, int] | None = None) -> list[Planned]:
+    """Step 5: per student error, `per_error` requests (or `counts[id]`) for a similar example with the GOLD
+    label."""
     out = []
     for err in errors:
-        for j in range(per_error):
+        for j in range(per_error if counts is None else counts.get(str(err["id"]), 0)):
             rid = f"ees/round{round_}/{err['id']}/{j}"
             msgs = task.ees_messages(err)
             req = _request(rid, msgs, sampling_cfg, run_seed)
