@@ -63,6 +63,27 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from s3ray.config import ConfigError, load_config
+    from s3ray.pipeline.sweep import run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else cfg.run.seeds
+    except ValueError:
+        raise ConfigError(f"--seeds: whole numbers separated by commas, e.g. 0,1,2 (got {args.seeds!r})") from None
+    if not seeds:
+        raise ConfigError("sweep: no seeds; pass --seeds 0,1,2 or set run.seeds: [0, 1, 2]")
+    _setup_logging(Path(cfg.run.output_dir) / "sweep.log", args.verbose)
+    agg = run_sweep(cfg, seeds, resume=args.resume)
+    print(f"\nsweep report: {Path(cfg.run.output_dir) / 'sweep_report.md'}")
+    for s in agg["students"]:
+        t = s["test"]
+        shown = "–" if t["mean"] is None else f"{100 * t['mean']:.2f} ± {100 * t['std']:.2f}"
+        print(f"  {s['method']:<40} test {agg['metric']}: {shown} (n={t['n']})")
+    return 0
+
+
 def _cmd_validate(args) -> int:
     from s3ray.config import load_config
     from s3ray.pipeline.s3 import prepare_inputs
@@ -130,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stop-after", metavar="STEP",
                    help="pause after this step (a manifest step name, e.g. round0/train); --resume continues")
     r.set_defaults(fn=_cmd_run)
+
+    sw = sub.add_parser("sweep", help="run an S3 config once per seed and report mean ± std",
+                        description="One whole S3 run per seed in <run.output_dir>/seed<N> (one after another), "
+                        "then sweep_report.md/json with mean ± sample std per student and per round.")
+    _add_config_args(sw)
+    sw.add_argument("--seeds", metavar="S1,S2,...", help="seeds, e.g. 0,1,2 (default: run.seeds of the config)")
+    sw.add_argument("--resume", action="store_true", help="continue unfinished seed runs (finished ones are kept)")
+    sw.set_defaults(fn=_cmd_sweep)
 
     v = sub.add_parser("validate", help="check a config, its data and models without generating anything")
     _add_config_args(v)

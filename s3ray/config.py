@@ -27,6 +27,9 @@ class RunConfig(_Strict):
     name: str = Field("s3-run", description="Run name, used in the report title.")
     output_dir: str = Field("runs/s3-run", description="Run directory: Parquet rounds, manifest, report.")
     seed: int = Field(0, description="Master seed: every sampling seed, split and shuffle derives from it.")
+    seeds: list[int] | None = Field(
+        None, description="`s3ray sweep`: one whole run per seed, in <output_dir>/seed<N>, and a mean ± std report.",
+    )
 
 
 class RayConfig(_Strict):
