@@ -162,6 +162,11 @@ class StudentConfig(_Strict):
         "finetune", description="finetune: the whole encoder | embedding_head: frozen embeddings + linear head."
     )
     epochs: int = Field(4, ge=1, description="Training epochs; the best one on validation is kept.")
+    min_steps: int | None = Field(
+        None, ge=1, description="Fair budget: every student trains at least this many optimizer steps (its epochs "
+        "raised to reach them, at most max_epochs), so one on few rows is not under-trained. None: epochs only.",
+    )
+    max_epochs: int = Field(20, ge=1, description="Upper bound on the epochs that min_steps may ask for.")
     batch_size: int = Field(32, ge=1, description="Per-worker batch size.")
     learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")

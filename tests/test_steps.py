@@ -110,3 +110,16 @@ def test_plan_ees_asks_the_balanced_number_of_rows_per_error_with_unique_ids():
     ids = [p.request.request_id for p in planned]
     assert ids == ["ees/round1/a/0", "ees/round1/a/1", "ees/round1/a/2"]
     assert {p.label for p in planned} == {"negative"} and all(p.parent_error_id == "a" for p in planned)
+
+
+def test_min_steps_gives_a_student_on_few_rows_the_same_optimizer_steps():
+    from s3ray.config import StudentConfig
+    from s3ray.pipeline.s3 import student_epochs
+
+    plain = StudentConfig(epochs=3, batch_size=32)
+    assert student_epochs(plain, 100) == 3 == student_epochs(plain, 10_000)
+    fair = StudentConfig(epochs=3, batch_size=32, min_steps=90)  # 90 steps: 3 epochs of 960 rows
+    assert student_epochs(fair, 960) == 3
+    assert student_epochs(fair, 320) == 9  # 10 steps per epoch
+    assert student_epochs(fair, 5000) == 3  # never fewer than student.epochs
+    assert student_epochs(StudentConfig(epochs=3, batch_size=32, min_steps=90, max_epochs=5), 64) == 5

@@ -21,6 +21,16 @@ def _secondary_metric_name(task_type: str) -> str:
     return "exact_match" if task_type == "extractive_qa" else "macro_f1"
 
 
+def _budget(student: dict) -> str:
+    """How much training each student got, in words (a fair comparison states it)."""
+    rule = f"up to {student['epochs']} epochs"
+    if student.get("min_steps"):
+        rule = (f"at least {student['min_steps']} optimizer steps (epochs raised from {student['epochs']} "
+                f"to reach them, at most {student.get('max_epochs')})")
+    return (f"Every student trains {rule} at batch {student['batch_size']}; its best epoch is picked on the real "
+            "validation set, or, for students that train on real rows, on a held-out slice of them.")
+
+
 def _fmt(x, pct=True) -> str:
     if x is None:
         return "–"
@@ -104,6 +114,7 @@ def build_report(run: RunDir) -> dict:
         "timings": timings,
         "total_seconds": round(sum(t["seconds"] for t in timings), 1),
         "complete": step_names.train(rounds_n).name in steps,
+        "student_budget": _budget(cfg["student"]),
     }
 
 
@@ -154,6 +165,8 @@ def _markdown(rep: dict) -> str:
         + ("" if rep["complete"] else " · **run incomplete**"),
         "",
         "## Students compared (measured in this run)",
+        "",
+        rep.get("student_budget", ""),
         "",
         f"| method | train rows | validation {m} | test {m} | test {m2} |",
         "|---|---:|---:|---:|---:|",

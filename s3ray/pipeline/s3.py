@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import pyarrow.parquet as pq
 
-from s3ray.config import ConfigError, S3Config
+from s3ray.config import ConfigError, S3Config, StudentConfig
 from s3ray.data.load import card_labels, load_rows, split_holdout
 from s3ray.mining import mine_errors
 from s3ray.models import resolve_student, resolve_teacher
@@ -119,6 +119,14 @@ class StepRecorder:
         return result
 
 
+def student_epochs(cfg: StudentConfig, n_rows: int) -> int:
+    """`student.epochs`, raised when `student.min_steps` asks for more optimizer steps than that gives."""
+    if not cfg.min_steps:
+        return cfg.epochs
+    per_epoch = math.ceil(n_rows / (cfg.batch_size * cfg.num_workers))
+    return min(max(cfg.epochs, math.ceil(cfg.min_steps / max(1, per_epoch))), max(cfg.epochs, cfg.max_epochs))
+
+
 def check_failed_calls(stats: SynthesisStats, limit: float, desc: str) -> None:
     """Too many teacher calls still failed after their retries: fail the step before it is recorded, so a
     resume asks the teacher again for just those (successful calls are answered by the cache)."""
@@ -187,12 +195,13 @@ class S3Steps:
 
     # Step 3 (and every baseline student)
     def train(self, rows: list[dict], val_rows: list[dict], name: str) -> StudentResult:
-        res = train_student(rows, val_rows, self.task, self.cfg.student, self.inputs.student_path,
+        cfg = self.cfg.student.model_copy(update={"epochs": student_epochs(self.cfg.student, len(rows))})
+        res = train_student(rows, val_rows, self.task, cfg, self.inputs.student_path,
                             self.run.path / "students" / name, seed=self.seed, desc=f"student {name}")
         test = None
         if self.inputs.test:
-            test = evaluate_student(res.checkpoint, self.inputs.test, self.task, self.cfg.student)
-        return StudentResult(checkpoint=self.run.rel(res.checkpoint), best_epoch=res.best_epoch,
+            test = evaluate_student(res.checkpoint, self.inputs.test, self.task, cfg)
+        return StudentResult(checkpoint=self.run.rel(res.checkpoint), best_epoch=res.best_epoch, epochs=cfg.epochs,
                              val=res.val_metrics, history=res.history, n_train=res.n_train,
                              train_seconds=res.train_seconds, test=test)
 

@@ -48,6 +48,7 @@ class StudentResult:
     train_seconds: float
     test: dict | None = None
     holdout_rows: int | None = None  # students whose epoch was picked on held-out real rows
+    epochs: int | None = None  # epochs trained (student.min_steps may raise them above student.epochs)
 
 
 @dataclass
