@@ -29,9 +29,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check s3ray tests benchmarks jobs
 
+# Every benchmark in benchmarks/ (each writes its JSON to benchmarks/results/); long: tens of minutes on 2 cores.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/teacher_throughput.py
-	$(BIN)/python benchmarks/student_throughput.py
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
