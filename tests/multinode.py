@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 
 RAY = str(Path(sys.executable).with_name("ray"))
+REPO = Path(__file__).resolve().parents[1]
 MARKER = "S3RAY_TEST_CLUSTER"
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 # The driver's own variables that must not leak into the nodes (they would point them at another cluster).
@@ -69,6 +70,8 @@ class LocalCluster:
             "HOME": str(home), "TMPDIR": str(home / "tmp"), "XDG_CACHE_HOME": str(home / "cache"),
             "HF_HOME": str(home / "hf"), "S3RAY_CACHE": str(home / "s3ray"), MARKER: str(self.root),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # This checkout's s3ray and the test helpers, whatever is installed.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
         })
         if self.s3_endpoint:
             env.update(S3_CREDENTIALS, S3RAY_S3_ENDPOINT=self.s3_endpoint)
@@ -135,6 +138,15 @@ class LocalCluster:
         psutil.wait_procs(leftovers, timeout=timeout_s / 2, callback=None)
         for p in self.processes():
             p.kill()
+
+
+def run_driver(cluster: LocalCluster, args: list[str], timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """Run `python ARGS` as a driver of `cluster` on its own "machine" (home `d`), outside this test process
+    (which may already hold the session's local Ray cluster)."""
+    env = cluster.node_env("d")
+    env["RAY_ADDRESS"] = cluster.address
+    return subprocess.run([sys.executable, *args], check=False, env=env, cwd=env["HOME"], capture_output=True,
+                          text=True, timeout=timeout_s)
 
 
 def _start_moto(cluster: LocalCluster, timeout_s: float = 60) -> None:
