@@ -138,6 +138,8 @@ class LocalCluster:
         psutil.wait_procs(leftovers, timeout=timeout_s / 2, callback=None)
         for p in self.processes():
             p.kill()
+        if not self.processes():
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def run_driver(cluster: LocalCluster, args: list[str], timeout_s: float = 300) -> subprocess.CompletedProcess:
@@ -184,6 +186,5 @@ def start_cluster(gpus_per_worker: int = 0, with_s3: bool = True, worker_cpus: i
                                       "--resources", f'{{"{resource}": 1}}', *gpu])
     except BaseException:
         cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
         raise
     return cluster
