@@ -8,6 +8,8 @@ test process's own session Ray cluster stays untouched.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -87,6 +89,18 @@ def test_other_filesystems_come_through_fsspec_and_folders_stage_up_and_down(tmp
     with pytest.raises(storage.StorageError, match="not a folder"):
         storage.download_dir("memory://s3ray-test/models/missing", tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [local.name]  # nothing half-made kept
+
+
+def test_a_submitted_job_refuses_a_relative_run_dir_before_starting_anything(tmp_path):
+    """Under `ray job submit --working-dir` a relative run dir lives in a temp copy Ray deletes at the end."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_JOB_ID": "02000000", "PYTHONPATH": str(repo)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "jobs/s3_job.py", "configs/sst2_quickstart.yaml"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "run.output_dir 'runs/sst2-quickstart' is relative" in done.stderr
+    assert "s3://" in done.stderr and "Ray cluster" not in done.stderr  # refused before joining any cluster
 
 
 # ---- one local multi-node cluster for the rest of the module ----
