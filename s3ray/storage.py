@@ -225,24 +225,42 @@ def _node_probe(uri: str, token: str, node_id: str) -> str | None:
     return None
 
 
+def _probe_nodes(nodes: list[dict], uri: str, token: str, timeout_s: float) -> list[str | None]:
+    """Each node's `_node_probe` answer; a task that fails or does not finish in time is an answer too."""
+    import ray  # lazy: storage is also used without Ray (reports, local runs)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(_node_probe)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(uri, token, n["NodeID"]) for n in nodes]
+    ready, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    answers: list[str | None] = []
+    for ref in refs:
+        if ref not in ready:
+            answers.append(f"did not answer within {timeout_s:g} s")
+            continue
+        try:
+            answers.append(ray.get(ref))
+        except ray.exceptions.RayError as exc:
+            answers.append(f"its probe task failed: {str(exc).strip().splitlines()[-1][:200]}")
+    return answers
+
+
 def check_visible_from_all_nodes(uri: str, timeout_s: float = 120.0) -> None:
     """Prove every alive Ray node reads and writes the same storage at `uri`: the driver writes a marker, a
     task pinned to each node reads it and writes one back, and the driver reads those back.
     Raises StorageError naming the nodes that cannot see it. Ray must be initialised."""
     import ray  # lazy: storage is also used without Ray (reports, local runs)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     token = uuid.uuid4().hex
     marker = join(uri, ".s3ray-visibility", token)
     write_bytes(join(marker, "driver"), token.encode())
-    probe = ray.remote(num_cpus=0, max_retries=0)(_node_probe)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(uri, token, n["NodeID"]) for n in nodes]
+    bad = {}
     try:
-        answers = ray.get(refs, timeout=timeout_s)
-        bad = {}
-        for node, answer in zip(nodes, answers):
+        for node, answer in zip(nodes, _probe_nodes(nodes, uri, token, timeout_s)):
             if answer is None and not exists(join(marker, f"node-{node['NodeID']}")):
                 answer = "wrote its answer where the driver cannot see it"
             if answer is not None:
