@@ -5,9 +5,12 @@ Ray specifics stay here and in the pool/trainer modules so the algorithm reads l
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
+
+from s3ray.storage import STORAGE_ENV_VARS
 
 log = logging.getLogger("s3ray")
 
@@ -73,19 +76,42 @@ def quiet_state_api_warnings() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# Driver variables every job process needs: where caches live, offline mode, and how to reach run storage.
+_JOB_ENV_VARS = (
+    "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "S3RAY_CACHE", "HF_HUB_OFFLINE",
+    "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM", *STORAGE_ENV_VARS,
+)
+# Set by `ray job submit` in the entrypoint's environment: the submitter's --runtime-env(-json).
+_JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def submitted_runtime_env() -> dict:
+    """The runtime env the job was submitted with ({} outside `ray job submit`)."""
+    raw = os.environ.get(_JOB_CONFIG_VAR)
+    return (json.loads(raw).get("runtime_env") or {}) if raw else {}
+
+
+def without_job_conflicts(ours: dict, job: dict) -> dict:
+    """`ours` less what the submitted runtime env `job` already sets, so the two merge and the user's values
+    win. `ray.init` refuses a runtime env that repeats a field or an env var key of the job's."""
+    job_vars = job.get("env_vars") or {}
+    out = {k: v for k, v in ours.items() if k not in job or k == "env_vars"}
+    if "env_vars" in ours:  # env vars merge key by key
+        out["env_vars"] = {k: v for k, v in ours["env_vars"].items() if k not in job_vars}
+    return out
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     """Join `address` when given, else start a local cluster. Idempotent."""
     import ray
 
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in (
-        "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "S3RAY_CACHE", "HF_HUB_OFFLINE",
-        "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM",
-    ) if k in os.environ}
+    env_vars = {k: os.environ[k] for k in _JOB_ENV_VARS if k in os.environ}
     kwargs: dict = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
     if address:
         log.info("joining Ray cluster at %s", address)
+        kwargs["runtime_env"] = without_job_conflicts(kwargs["runtime_env"], submitted_runtime_env())
         ray.init(address=address, **kwargs)
     else:
         if temp_dir:
@@ -98,5 +124,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
         # Without a dashboard there is no State API, and Ray Train's placement-group cleaner then warns once a
         # second for a whole training run that it cannot query the controller; the hook quiets that logger.
         kwargs["runtime_env"]["worker_process_setup_hook"] = "s3ray.runtime.quiet_state_api_warnings"
+        kwargs["runtime_env"] = without_job_conflicts(kwargs["runtime_env"], submitted_runtime_env())
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
         log.info("started a local Ray cluster: %s", ray.cluster_resources())

@@ -20,3 +20,28 @@ def test_a_one_node_cluster_caps_threads_at_the_real_cores(ray_local):
     assert one_node()
     assert cap_to_local_cores(10_000) == local_cores() >= 1
     assert cap_to_local_cores(1) == 1
+
+
+def test_the_submitted_runtime_env_wins_over_the_drivers_copied_variables(monkeypatch):
+    """`ray job submit --runtime-env-json` may set a variable init_ray also copies from the driver; ray.init
+    refuses such a pair, so the driver's side drops what the job sets and Ray's own merge keeps the user's."""
+    import json
+
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from s3ray.runtime import submitted_runtime_env, without_job_conflicts
+
+    job = {"env_vars": {"HF_HUB_OFFLINE": "0", "USER_ONLY": "1"}, "worker_process_setup_hook": "user.hook",
+           "working_dir": "."}
+    ours = {"env_vars": {"HF_HUB_OFFLINE": "1", "S3RAY_CACHE": "/c"},
+            "worker_process_setup_hook": "s3ray.runtime.quiet_state_api_warnings"}
+    assert _merge_runtime_env(job, ours) is None  # what ray.init would raise on
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job}))
+    driver = without_job_conflicts(ours, submitted_runtime_env())
+    merged = _merge_runtime_env(job, driver)
+    assert merged is not None
+    assert merged["env_vars"] == {"HF_HUB_OFFLINE": "0", "USER_ONLY": "1", "S3RAY_CACHE": "/c"}
+    assert merged["worker_process_setup_hook"] == "user.hook" and merged["working_dir"] == "."
+    assert ours["env_vars"]["HF_HUB_OFFLINE"] == "1"  # the caller's dict is not changed
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert without_job_conflicts(ours, submitted_runtime_env()) == ours
