@@ -54,3 +54,21 @@ def test_each_seed_gets_its_own_run_directory_and_seed():
     cfg = config_from_dict({"run": {"output_dir": "runs/sw", "seed": 0}, "data": {"validation": "x.jsonl"}})
     one = seed_config(cfg, 2)
     assert one.run.seed == 2 and one.run.output_dir.endswith("runs/sw/seed2") and cfg.run.seed == 0
+
+
+def test_the_ablation_counts_tokens_until_a_round_reaches_the_target():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "scripts" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    rounds = [{"test": {"mean": 0.6}, "teacher_tokens": {"mean": 100.0}},
+              {"test": {"mean": 0.75}, "teacher_tokens": {"mean": 50.0}},
+              {"test": {"mean": 0.72}, "teacher_tokens": {"mean": 50.0}}]
+    assert ablation.tokens_to_reach(rounds, 0.72) == 150.0  # reached in round 1, before the last round
+    assert ablation.tokens_to_reach(rounds, 0.8) is None
+    rounds = [{**r, "test": {**r["test"], "std": 0.01}} for r in rounds]
+    md = ablation.table({"sst2": {"plain": {"rounds": rounds}}})
+    assert "| plain | 60.00 ± 1.00 | 75.00 ± 1.00 | 72.00 ± 1.00 | 150 |" in md

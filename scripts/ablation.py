@@ -1,0 +1,105 @@
+"""The EES ablation: plain vs class-balanced error extrapolation, with and without the fair student budget,
+3 seeds each, on SST-2, RTE and QNLI; writes docs/ablation.md (and .json).
+
+    .venv/bin/python scripts/ablation.py                       # every task and variant (many CPU hours)
+    .venv/bin/python scripts/ablation.py --tasks sst2 --seeds 0,1,2 --variants plain,balanced
+
+Each (task, variant) is an `s3ray sweep` in runs/ablation/<task>/<variant>, resumable: rerunning the script
+continues unfinished runs and only rebuilds the table for finished ones. Round 0 (rationales and seed
+synthesis) is the same request set in every variant of a seed, so a variant's seed runs start from a copy of
+the first finished variant's teacher cache: identical requests, identical answers, no tokens spent twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = {"sst2": "configs/sst2_quickstart.yaml", "rte": "configs/rte.yaml", "qnli": "configs/qnli.yaml"}
+# Fair budget: every student gets as many optimizer steps as the final S3 student of the task's config.
+MIN_STEPS = {"sst2": 90, "rte": 60, "qnli": 120}
+VARIANTS = {
+    "plain": {"synthesis.ees_balance": "none"},
+    "balanced": {"synthesis.ees_balance": "per_label"},
+    "plain_fair": {"synthesis.ees_balance": "none", "student.min_steps": "{min_steps}"},
+    "balanced_fair": {"synthesis.ees_balance": "per_label", "student.min_steps": "{min_steps}"},
+}
+
+
+def run_variant(task: str, variant: str, seeds: list[int], out: Path) -> Path:
+    sweep_dir = out / task / variant
+    for seed in seeds:  # reuse round 0's teacher answers from a sibling variant of the same seed
+        cache = sweep_dir / f"seed{seed}" / "teacher_cache.sqlite"
+        donors = [p for p in (out / task).glob(f"*/seed{seed}/teacher_cache.sqlite") if p != cache]
+        if not cache.exists() and donors:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(donors[0], cache)
+    sets = [f"run.output_dir={sweep_dir}"] + [
+        f"{k}={v.format(min_steps=MIN_STEPS[task])}" for k, v in VARIANTS[variant].items()]
+    cmd = [sys.executable, "-m", "s3ray.cli", "sweep", TASKS[task], "--seeds", ",".join(map(str, seeds)),
+           "--resume"] + [a for s in sets for a in ("--set", s)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return sweep_dir / "sweep_report.json"
+
+
+def tokens_to_reach(rounds: list[dict], target: float | None) -> float | None:
+    """Cumulative mean teacher tokens up to the first round whose mean test score reaches `target`."""
+    spent = 0.0
+    for r in rounds:
+        spent += r["teacher_tokens"]["mean"] or 0.0
+        if target is not None and r["test"]["mean"] is not None and r["test"]["mean"] >= target:
+            return spent
+    return None
+
+
+def table(results: dict[str, dict[str, dict]]) -> str:
+    lines = ["# EES ablation: plain vs class-balanced, with and without a fair student budget", "",
+             ("Test accuracy (mean ± sample std over seeds) of the S3 student after each round, and the teacher "
+             "tokens (rationales + seed + EES, mean over seeds) spent until a round first reached the plain "
+             "variant's final accuracy. Written by `scripts/ablation.py`."), ""]
+    for task, variants in results.items():
+        plain_final = variants.get("plain", {}).get("rounds", [{}])[-1].get("test", {}).get("mean")
+        n_rounds = max(len(v["rounds"]) for v in variants.values())
+        lines += [f"## {task}", "", "| variant | " + " | ".join(f"round {i}" for i in range(n_rounds))
+                  + " | tokens to reach plain's final |", "|---|" + "---:|" * (n_rounds + 1)]
+        for name, agg in variants.items():
+            cells = [f"{100 * r['test']['mean']:.2f} ± {100 * r['test']['std']:.2f}"
+                     if r["test"]["mean"] is not None else "–" for r in agg["rounds"]]
+            reach = tokens_to_reach(agg["rounds"], plain_final)
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {'not reached' if reach is None else f'{reach:,.0f}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, from: " + ", ".join(TASKS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default="runs/ablation", help="where the sweeps' run directories go")
+    p.add_argument("--doc", default="docs/ablation.md", help="the table (a .json twin is written beside it)")
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = (REPO / args.out).resolve()
+    results: dict[str, dict[str, dict]] = {}
+    for task in args.tasks.split(","):
+        for variant in args.variants.split(","):
+            report = run_variant(task, variant, seeds, out)
+            results.setdefault(task, {})[variant] = json.loads(report.read_text())
+    doc = REPO / args.doc
+    doc.write_text(table(results))
+    doc.with_suffix(".json").write_text(json.dumps(
+        {t: {v: {k: a[k] for k in ("seeds", "students", "rounds")} for v, a in vs.items()} for t, vs in results.items()},
+        indent=2))
+    print(f"wrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
