@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -46,15 +47,48 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set synthesis.rounds=1 (repeatable)")
 
 
+def step_names(cfg) -> list[str]:
+    """Every step a run of `cfg` records in its manifest, in order (what --stop-after accepts)."""
+    names = ["rationales"] if cfg.uses_rationales and cfg.task.type != "extractive_qa" else []
+    names.append("round0/synthesis")
+    for r in range(cfg.synthesis.rounds):
+        names += [f"round{r}/train", f"round{r}/mine", f"round{r + 1}/synthesis"]
+    if cfg.baselines.equal_budget:
+        names.append("baseline/equal_budget/synthesis")
+    names.append(f"round{cfg.synthesis.rounds}/train")
+    if cfg.baselines.equal_budget:
+        names.append("baseline/equal_budget/train")
+    if cfg.baselines.real_validation:
+        names.append("baseline/real_validation/train")
+    return names
+
+
+def _check_stop_after(step: str | None, cfg) -> None:
+    from s3ray.config import ConfigError
+
+    if step is None:
+        return
+    names = step_names(cfg)
+    if step not in names:
+        shape = re.fullmatch(r"rationales|round\d+/(synthesis|train|mine)|baseline/(equal_budget|real_validation)/"
+                             r"(synthesis|train)", step)
+        why = "is not a step of this config's run" if shape else "is not a step name"
+        raise ConfigError(f"--stop-after {step!r} {why}; steps are: {', '.join(names)}")
+
+
 def _cmd_run(args) -> int:
     from s3ray.config import load_config
+    from s3ray.pipeline.rundir import check_can_open
     from s3ray.pipeline.s3 import prepare_inputs, run_s3
 
     cfg = load_config(args.config, args.overrides)
-    _setup_logging(Path(cfg.run.output_dir) / "run.log", args.verbose)
-    inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
-    rep = run_s3(cfg, resume=args.resume, inputs=inputs, stop_after=args.stop_after)
+    _check_stop_after(args.stop_after, cfg)
     out = Path(cfg.run.output_dir)
+    check_can_open(out, args.resume)
+    _setup_logging(None, args.verbose)
+    inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
+    _setup_logging(out / "run.log", args.verbose)  # the run dir is created only once its inputs are sound
+    rep = run_s3(cfg, resume=args.resume, inputs=inputs, stop_after=args.stop_after)
     print(f"\nreport: {out / 'report.md'}  (JSON: report.json, plot: report.png)")
     print(f"final synthetic dataset: {out / 'final' / 'train.parquet'}")
     for row in rep["comparison"]:
@@ -95,14 +129,11 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    import json
-
     from s3ray.pipeline.report import write_report
     from s3ray.pipeline.rundir import RunDir
 
     path = Path(args.run_dir)
-    manifest = json.loads((path / "manifest.json").read_text())
-    write_report(RunDir(path, manifest["config"], resume=True))
+    write_report(RunDir.open_existing(path))  # read-only: works beside a running driver
     print(f"wrote {path / 'report.md'}")
     return 0
 
@@ -165,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, DataError, ModelNotFound, RunDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # The project's own errors already say what to fix: one line, no traceback.
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished steps are kept; continue with --resume", file=sys.stderr)

@@ -88,7 +88,8 @@ def _timed(run: RunDir, step: str, fn, stop_after: str | None = None):
         return run.result(step)
     log.info("== %s", step)
     t0 = time.time()
-    result = run.finish(step, fn(), time.time() - t0)
+    out = fn()
+    result = run.finish(step, out, time.time() - t0, outputs=run.outputs_in(out))
     if stop_after == step:
         raise StopRun(step)
     return result
@@ -101,9 +102,9 @@ class S3Steps:
         self.cfg, self.inputs, self.run, self.teacher = cfg, inputs, run, teacher
         self.task, self.syn, self.seed = inputs.task, cfg.synthesis, cfg.run.seed
         # Real data as Parquet: Ray Data streams validation inference from it.
-        self.val_path = run.write_parquet("data/validation.parquet", _real_table(inputs.validation))
+        self.val_path = run.write_parquet_once("data/validation.parquet", partial(_real_table, inputs.validation))
         if inputs.test:
-            run.write_parquet("data/test.parquet", _real_table(inputs.test))
+            run.write_parquet_once("data/test.parquet", partial(_real_table, inputs.test))
 
     def generate(self, planned, desc: str):
         return self.teacher.generate([p.request for p in planned], desc=desc)
@@ -274,7 +275,9 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
         log.info("stopped after %s as asked; continue with --resume", stop)
     finally:
         teacher.shutdown()
-    return write_report(run, cfg)
+    report = write_report(run, cfg)
+    run.close()  # on an error, the lock goes with the RunDir object (or the process)
+    return report
 
 
 def _real_table(rows: list[dict]):
