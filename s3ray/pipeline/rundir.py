@@ -189,6 +189,8 @@ def check_can_open(path: str | Path, resume: bool) -> None:
     if resume and not has_manifest:
         what = "does not exist" if not path.exists() else "holds no manifest.json (no run was started there)"
         raise RunDirError(f"cannot resume: {path} {what}; drop --resume to start a new run")
+    if resume:
+        read_manifest(path)  # a corrupt manifest is refused here, before any model loads
     if not resume and has_manifest:
         raise RunDirError(f"{path} already holds a run; add --resume to continue it, or set run.output_dir "
                           "to a new folder")
