@@ -324,7 +324,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> S3Confi
     except ConfigError as e:
         raise ConfigError(f"config {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"config {path} is not valid YAML{where}: {what}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: the top level must be a mapping of sections (run, data, teacher, ...)")
     return config_from_dict(raw, str(path), overrides)

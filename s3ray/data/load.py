@@ -187,9 +187,11 @@ def load_rows(
     renamed = [{field_map.get(k, k): v for k, v in r.items()} for r in rows]
     missing = [f for f in needed if f not in renamed[0]]
     if missing:
+        spare = sorted(k for k in rows[0] if field_map.get(k, k) not in needed)
+        example = f", e.g. field_map: {{{spare[0]}: {missing[0]}}}" if spare else ""
         raise DataError(
             f"data.{split} ({path}): columns {missing} are missing; found {sorted(rows[0])}. "
-            f"Rename columns with task.field_map, e.g. field_map: {{{min(rows[0])}: {missing[0]}}}"
+            f"Add them, or rename columns with task.field_map{example}"
         )
     problems = []
     out = []
