@@ -15,14 +15,14 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import time
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from s3ray.pipeline.redact import redact
 
 log = logging.getLogger("s3ray")
 
@@ -33,7 +33,6 @@ DATA_FIELDS = ("validation", "test", "contexts")
 LOCK_NAME = "run.lock"
 # A cheap hash reads this much from each end of a file: enough to notice truncation and torn writes.
 _EDGE = 1 << 16
-_SECRET_PARAM = re.compile(r"(key|token|secret|password|passwd|signature|sig|auth)", re.IGNORECASE)
 
 
 class RunDirError(RuntimeError):
@@ -55,8 +54,13 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def _commit(tmp: Path, path: Path) -> None:
+def _write_durably(path: Path, write) -> Path:
+    """`write(tmp)` into a unique temp file, fsync it, rename it over `path`, fsync the folder.
+    A failure at any point leaves `path` as it was and no temp file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
     try:
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,35 +68,17 @@ def _commit(tmp: Path, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` so that after a crash or power loss it holds either the old or the new bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, path)
-    return path
+    return _write_durably(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def write_parquet(path: str | Path, table: pa.Table) -> Path:
     """`pq.write_table`, durably and atomically (see atomic_write_bytes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        pq.write_table(table, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, path)
-    return path
+    return _write_durably(Path(path), lambda tmp: pq.write_table(table, tmp))
 
 
 def _files_under(path: Path) -> list[Path]:
@@ -138,36 +124,6 @@ def _unsound(path: Path, rec: dict) -> str | None:
             except (pa.ArrowException, OSError) as e:
                 return f"is not readable Parquet ({f.name}: {e})"
     return None
-
-
-# --- credentials ----------------------------------------------------------------------------------
-def redact_url(url: str) -> str:
-    """`https://user:token@host/v1?api_key=x` -> `https://***@host/v1?api_key=***`."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if not parts.scheme or not parts.netloc:
-        return url
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def redact(value):
-    """A config dump with credentials in URLs replaced by *** (the manifest is not a secret store)."""
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    if isinstance(value, str) and "://" in value:
-        return redact_url(value)
-    return value
 
 
 # --- the run --------------------------------------------------------------------------------------
