@@ -20,6 +20,6 @@ if __name__ == "__main__":
     in_job = os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")
     if in_job and not any(a.startswith("ray.address=") for a in argv):
         argv += ["--set", "ray.address=auto"]
-    if "--resume" not in argv:
-        argv.append("--resume")  # a resubmitted job continues its run directory
+    if "--resume" not in argv and "--resume-if-exists" not in argv:
+        argv.append("--resume-if-exists")  # a resubmitted job continues its run directory
     sys.exit(main(argv))

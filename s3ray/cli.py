@@ -19,6 +19,7 @@ with --resume.
 examples:
   s3ray run configs/sst2_quickstart.yaml              # the quickstart (CPU, embedded models)
   s3ray run configs/sst2_quickstart.yaml --resume     # continue an interrupted run
+  s3ray run configs/sst2_quickstart.yaml --resume-if-exists   # continue it, or start it if there is none
   s3ray run my.yaml --set synthesis.rounds=1 --set teacher.replicas=4
   s3ray validate my.yaml                              # check config, data and models; generate nothing
   s3ray config --explain                              # every config field, its default and meaning
@@ -84,11 +85,12 @@ def _cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     _check_stop_after(args.stop_after, cfg)
     out = Path(cfg.run.output_dir)
-    check_can_open(out, args.resume)
+    resume = args.resume or (args.resume_if_exists and (out / "manifest.json").is_file())
+    check_can_open(out, resume)
     _setup_logging(None, args.verbose)
     inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
     _setup_logging(out / "run.log", args.verbose)  # the run dir is created only once its inputs are sound
-    rep = run_s3(cfg, resume=args.resume, inputs=inputs, stop_after=args.stop_after)
+    rep = run_s3(cfg, resume=resume, inputs=inputs, stop_after=args.stop_after)
     print(f"\nreport: {out / 'report.md'}  (JSON: report.json, plot: report.png)")
     print(f"final synthetic dataset: {out / 'final' / 'train.parquet'}")
     for row in rep["comparison"]:
@@ -156,8 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the S3 loop: rationales, seed synthesis, then R rounds of train -> mine "
                        "errors -> extrapolate errors, then the baselines, then the report.")
     _add_config_args(r)
-    r.add_argument("--resume", action="store_true",
-                   help="continue the run in run.output_dir from its last finished step (no regeneration)")
+    how = r.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true",
+                     help="continue the run in run.output_dir from its last finished step (no regeneration); "
+                     "an error if there is no run there")
+    how.add_argument("--resume-if-exists", action="store_true",
+                     help="continue the run in run.output_dir if there is one, else start it (make demo, "
+                     "resubmitted Ray jobs)")
     r.add_argument("--stop-after", metavar="STEP",
                    help="pause after this step (a manifest step name, e.g. round0/train); --resume continues")
     r.set_defaults(fn=_cmd_run)

@@ -127,6 +127,11 @@ CASES = [
     ("stop-after-disabled-baseline",
      {"c.yaml": _cfg(extra="baselines: {equal_budget: false}\n"), "val.jsonl": GOOD_ROWS},
      [*RUN, "--stop-after", "baseline/equal_budget/train"], "is not a step of this config's run"),
+    # --resume-if-exists starts a new run where there is none: it gets as far as the (missing) teacher model
+    ("resume-if-exists-no-run-starts-one", {"c.yaml": _cfg(), "val.jsonl": GOOD_ROWS}, [*RUN, "--resume-if-exists"],
+     "teacher.model: folder {d}/no-teacher does not exist"),
+    ("resume-if-exists-corrupt-manifest", {"c.yaml": _cfg(), "val.jsonl": GOOD_ROWS, "run/manifest.json": "{"},
+     [*RUN, "--resume-if-exists"], "manifest.json is corrupt"),
     ("run-with-bad-data", {"c.yaml": _cfg(), "val.jsonl": GOOD_ROWS + "{oops\n"}, RUN, "val.jsonl:7: not valid JSON"),
     ("report-no-manifest", {"old/notes.txt": "x"}, ["report", "{d}/old"], "no manifest.json here"),
     ("report-missing-folder", {}, ["report", "{d}/nothing"], "no manifest.json here"),
