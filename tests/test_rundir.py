@@ -175,6 +175,10 @@ def test_resume_errors_name_the_folder_and_the_fix(tmp_path):
     with pytest.raises(RunDirError, match="does not exist; drop --resume to start a new run"):
         RunDir(tmp_path / "nothing", _config(tmp_path), resume=True)
     assert not (tmp_path / "nothing").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RunDirError, match="holds no manifest.json"):
+        RunDir(tmp_path / "mine", _config(tmp_path), resume=True)
+    assert list((tmp_path / "mine").iterdir()) == []  # not even a lock file
     RunDir(tmp_path / "run", _config(tmp_path), resume=False).close()
     with pytest.raises(RunDirError, match="already holds a run; add --resume"):
         RunDir(tmp_path / "run", _config(tmp_path), resume=False)

@@ -1,7 +1,9 @@
 """Reading real data (validation, test, contexts) and checking it against the task before any generation.
 
 Accepted: JSON Lines (.jsonl, .jsonl.gz, .json), CSV, Parquet files, and Hugging Face `datasets` folders
-(`save_to_disk`). Labels may be names or integer ids (mapped through the task's label list).
+(`save_to_disk`). Labels may be names or integer ids (mapped through the task's label list); when some label
+name is itself a number (["1", "0"]), integers are matched as names instead, never as positions.
+Every problem is a DataError naming the file, the line or row, and the fix.
 """
 
 from __future__ import annotations

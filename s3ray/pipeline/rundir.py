@@ -168,15 +168,15 @@ def read_manifest(path: str | Path) -> dict:
 
 
 class RunDir:
-    def __init__(self, path: str | Path, config: dict, resume: bool, lock: bool = True):
+    def __init__(self, path: str | Path, config: dict, resume: bool):
         self.path = Path(path)
         self.manifest_path = self.path / "manifest.json"
         self._lock_fd: int | None = None
         config = redact(config)
-        if self.path.is_dir() or not resume:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if lock:  # before the checks: a second driver learns that the run is in use, and by whom
-                self._lock()
+        if resume:  # nothing to resume: refused before anything is created
+            check_can_open(self.path, resume)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()  # before the other checks: a second driver learns that the run is in use, and by whom
         try:
             check_can_open(self.path, resume)
             if resume:
