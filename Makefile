@@ -21,7 +21,7 @@ install-gpu:
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh gpu
 
 demo: $(STAMP)
-	$(BIN)/s3ray run $(CONFIG) --resume
+	$(BIN)/s3ray run $(CONFIG) --resume-if-exists
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -26,8 +26,8 @@ def job_argv(argv: list[str], in_job: bool) -> list[str]:
     argv = ["run", *argv]
     if in_job and not any(a.startswith("ray.address=") for a in argv):
         argv += ["--set", "ray.address=auto"]
-    if "--resume" not in argv:
-        argv.append("--resume")  # a resubmitted job continues its run directory
+    if "--resume" not in argv and "--resume-if-exists" not in argv:
+        argv.append("--resume-if-exists")  # a resubmitted job continues its run directory
     return argv
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ with --resume.
 examples:
   s3ray run configs/sst2_quickstart.yaml              # the quickstart (CPU, embedded models)
   s3ray run configs/sst2_quickstart.yaml --resume     # continue an interrupted run
+  s3ray run configs/sst2_quickstart.yaml --resume-if-exists   # continue it, or start it if there is none
   s3ray run my.yaml --set synthesis.rounds=1 --set teacher.replicas=4
   s3ray validate my.yaml                              # check config, data and models; generate nothing
   s3ray config --explain                              # every config field, its default and meaning
@@ -46,15 +48,49 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set synthesis.rounds=1 (repeatable)")
 
 
+def step_names(cfg) -> list[str]:
+    """Every step a run of `cfg` records in its manifest, in order (what --stop-after accepts)."""
+    names = ["rationales"] if cfg.uses_rationales and cfg.task.type != "extractive_qa" else []
+    names.append("round0/synthesis")
+    for r in range(cfg.synthesis.rounds):
+        names += [f"round{r}/train", f"round{r}/mine", f"round{r + 1}/synthesis"]
+    if cfg.baselines.equal_budget:
+        names.append("baseline/equal_budget/synthesis")
+    names.append(f"round{cfg.synthesis.rounds}/train")
+    if cfg.baselines.equal_budget:
+        names.append("baseline/equal_budget/train")
+    if cfg.baselines.real_validation:
+        names.append("baseline/real_validation/train")
+    return names
+
+
+def _check_stop_after(step: str | None, cfg) -> None:
+    from s3ray.config import ConfigError
+
+    if step is None:
+        return
+    names = step_names(cfg)
+    if step not in names:
+        shape = re.fullmatch(r"rationales|round\d+/(synthesis|train|mine)|baseline/(equal_budget|real_validation)/"
+                             r"(synthesis|train)", step)
+        why = "is not a step of this config's run" if shape else "is not a step name"
+        raise ConfigError(f"--stop-after {step!r} {why}; steps are: {', '.join(names)}")
+
+
 def _cmd_run(args) -> int:
     from s3ray.config import load_config
+    from s3ray.pipeline.rundir import check_can_open
     from s3ray.pipeline.s3 import prepare_inputs, run_s3
 
     cfg = load_config(args.config, args.overrides)
-    _setup_logging(Path(cfg.run.output_dir) / "run.log", args.verbose)
-    inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
-    rep = run_s3(cfg, resume=args.resume, inputs=inputs, stop_after=args.stop_after)
+    _check_stop_after(args.stop_after, cfg)
     out = Path(cfg.run.output_dir)
+    resume = args.resume or (args.resume_if_exists and (out / "manifest.json").is_file())
+    check_can_open(out, resume)
+    _setup_logging(None, args.verbose)
+    inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
+    _setup_logging(out / "run.log", args.verbose)  # the run dir is created only once its inputs are sound
+    rep = run_s3(cfg, resume=resume, inputs=inputs, stop_after=args.stop_after)
     print(f"\nreport: {out / 'report.md'}  (JSON: report.json, plot: report.png)")
     print(f"final synthetic dataset: {out / 'final' / 'train.parquet'}")
     for row in rep["comparison"]:
@@ -116,14 +152,11 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    import json
-
     from s3ray.pipeline.report import write_report
     from s3ray.pipeline.rundir import RunDir
 
     path = Path(args.run_dir)
-    manifest = json.loads((path / "manifest.json").read_text())
-    write_report(RunDir(path, manifest["config"], resume=True))
+    write_report(RunDir.open_existing(path))  # read-only: works beside a running driver
     print(f"wrote {path / 'report.md'}")
     return 0
 
@@ -146,8 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the S3 loop: rationales, seed synthesis, then R rounds of train -> mine "
                        "errors -> extrapolate errors, then the baselines, then the report.")
     _add_config_args(r)
-    r.add_argument("--resume", action="store_true",
-                   help="continue the run in run.output_dir from its last finished step (no regeneration)")
+    how = r.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true",
+                     help="continue the run in run.output_dir from its last finished step (no regeneration); "
+                     "an error if there is no run there")
+    how.add_argument("--resume-if-exists", action="store_true",
+                     help="continue the run in run.output_dir if there is one, else start it (make demo, "
+                     "resubmitted Ray jobs)")
     r.add_argument("--stop-after", metavar="STEP",
                    help="pause after this step (a manifest step name, e.g. round0/train); --resume continues")
     r.set_defaults(fn=_cmd_run)
@@ -189,13 +227,19 @@ def main(argv: list[str] | None = None) -> int:
     from s3ray.data.load import DataError
     from s3ray.models import ModelNotFound
     from s3ray.pipeline.rundir import RunDirError
+    from s3ray.pipeline.steps import StepFailed
+    from s3ray.storage import StorageError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except (ConfigError, DataError, ModelNotFound, RunDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # The project's own errors already say what to fix: one line, no traceback.
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
+    except (StepFailed, StorageError) as e:  # the run stopped cleanly; what finished is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished steps are kept; continue with --resume", file=sys.stderr)
         return 130

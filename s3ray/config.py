@@ -7,6 +7,7 @@ allowed values before any model is loaded.
 
 from __future__ import annotations
 
+import difflib
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -69,6 +70,17 @@ class TaskConfig(_Strict):
         "number or noun phrase of the paragraph and the teacher writes only the question (works with small "
         "teachers); teacher: the teacher replies 'Answer: ...' and 'Question: ...' (strong teachers).",
     )
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            dup = sorted({x for x in v if v.count(x) > 1})
+            if dup:
+                raise ValueError(f"names {dup} more than once; list each label once")
+            if any(not x.strip() for x in v):
+                raise ValueError("holds an empty label name")
+        return v
 
 
 class DataConfig(_Strict):
@@ -243,19 +255,51 @@ class S3Config(_Strict):
         return self.task.type == "classification"
 
 
+def _did_you_mean(loc: tuple) -> str:
+    """For an unknown field: the closest real field of the same section, if one is close."""
+    model: Any = S3Config
+    for part in loc[:-1]:
+        f = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = f.annotation if f is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+    """One line: `invalid config SOURCE: a.b: problem; c: problem` (the CLI prints errors as one line)."""
+    parts = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `s3ray config --explain` lists every field)"
+            msg += _did_you_mean(e["loc"])
         elif e["type"] == "missing":
             msg = "required field is missing"
+            if e["loc"] == ("data",):
+                msg += " (add data: {validation: path/to/validation.jsonl})"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
+        parts.append(f"{where}: {msg}")
+    return f"invalid config {source}: " + "; ".join(parts)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one section (lines {seen[key]} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:
@@ -274,7 +318,10 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         if "=" not in p:
             raise ConfigError(f"override {p!r}: expected section.field=value, e.g. synthesis.rounds=1")
         k, v = p.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(v)))
+        try:
+            out.append((k.strip(), yaml.safe_load(v)))
+        except yaml.YAMLError:
+            raise ConfigError(f"override {p!r}: the value is not a YAML scalar or list; quote it") from None
     return out
 
 
@@ -294,9 +341,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> S3Confi
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (examples live in configs/)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"config {path} is not valid YAML{where}: {what}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: the top level must be a mapping of sections (run, data, teacher, ...)")
     return config_from_dict(raw, str(path), overrides)

@@ -66,3 +66,32 @@ def test_explain_writes_types_as_people_do():
     assert "(int | Literal['auto'], default 'auto')" in lines["mining.concurrency"]
     assert "(str | None, default None)" in lines["ray.address"]
     assert "(int, default 0)" in lines["run.seed"]
+
+
+def test_yaml_with_a_key_given_twice_is_refused(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  validation: a.jsonl\n  validation: b.jsonl\n")
+    with pytest.raises(ConfigError, match=r"key 'validation' appears twice in one section \(lines 2 and 3\)"):
+        load_config(p)
+    p.write_text("data: {validation: a.jsonl}\nbase: &b {rounds: 1}\nsynthesis: {<<: *b, seed_examples: 4}\n"
+                 "run: {seed: 1}\n")
+    with pytest.raises(ConfigError, match="base: unknown field"):  # anchors and merges still parse
+        load_config(p)
+
+
+def test_unknown_field_suggests_the_closest_and_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"data": {"validation": "v.jsonl", "validaton_size": 3}, "studnt": {}}, "t.yaml")
+    msg = str(e.value)
+    assert "data.validaton_size: unknown field" in msg and "did you mean 'validation_size'?" in msg
+    assert "studnt: unknown field" in msg and "did you mean 'student'?" in msg
+    assert "\n" not in msg
+
+
+def test_config_that_is_not_utf8_or_lists_a_label_twice(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"data: {validation: v.jsonl}\nrun: {name: caf\xe9}\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"task.labels: names \['a'\] more than once"):
+        config_from_dict({"data": {"validation": "v.jsonl"}, "task": {"labels": ["a", "b", "a"]}})

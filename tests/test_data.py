@@ -44,6 +44,42 @@ def test_integer_labels_map_to_names(tmp_path):
     assert [r["label"] for r in rows] == ["negative", "positive", "negative", "positive"]
 
 
+def test_integers_match_numeric_label_names_as_names(tmp_path):
+    """Labels ["1", "0"]: the value 1 means the label "1", never labels[1] (which is "0")."""
+    task = ClassificationTask(labels=["1", "0"], description="movie review")
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"text": "fine film indeed", "label": i % 2}) for i in range(4)))
+    assert [r["label"] for r in load_rows(p, task, "validation")] == ["0", "1", "0", "1"]
+    csv = tmp_path / "d.csv"  # Arrow reads this column as integers
+    csv.write_text("text,label\nfine film indeed,1\nbad film indeed,0\n")
+    assert [r["label"] for r in load_rows(csv, task, "validation")] == ["1", "0"]
+    # Non-numeric names: integers are indices, and one past the end is an error naming the row.
+    p.write_text(json.dumps({"text": "fine film indeed", "label": 1}) + "\n" + json.dumps({"text": "so so", "label": 2}))
+    with pytest.raises(DataError, match=r"row 1 .*label 2 is not one of"):
+        load_rows(p, TASK, "validation")
+
+
+def test_jsonl_rows_must_share_keys_and_types(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a b c", "label": "positive"}\n\n{"text": "d e f", "label": "negative", "extra": 1}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:3: key 'extra' is not in the first row"):
+        load_rows(p, TASK, "validation")
+    p.write_text('{"text": "a b c", "label": "positive"}\n{"text": ["d"], "label": "negative"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: column 'text' holds a list here but a string on line 1"):
+        load_rows(p, TASK, "validation")
+    # Missing keys and nulls are fine (the row check then names what is missing); ints and floats mix.
+    p.write_text('{"text": "a b c", "label": "positive", "score": 1}\n{"text": "d e f", "label": null, '
+                 '"score": 0.5}\n')
+    with pytest.raises(DataError, match=r"row 1 \(id validation-1\)"):
+        load_rows(p, TASK, "validation")
+
+
+def test_validation_size_larger_than_the_data_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="data.validation_size is 21 but data.validation .* holds 20 rows"):
+        load_rows(_write(tmp_path, "jsonl"), TASK, "validation", size=21)
+    assert len(load_rows(_write(tmp_path, "jsonl"), TASK, "validation", size=20)) == 20
+
+
 def test_unknown_label_names_row_and_allowed_labels(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"text": "ok movie", "label": "neutral"}))

@@ -45,6 +45,7 @@ def test_the_recorder_runs_a_step_once_and_replays_its_typed_result(tmp_path):
 
     run = RunDir(tmp_path / "run", {"x": 1}, resume=False)
     first = StepRecorder(run)(steps.synthesis(0), work, 7)
+    run.close()  # a run directory has one driver at a time
     again = StepRecorder(RunDir(tmp_path / "run", {"x": 1}, resume=True))(steps.synthesis(0), work, 8)
     assert calls == [7] and again == first and isinstance(again, steps.SynthesisResult)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())

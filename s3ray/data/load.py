@@ -1,17 +1,22 @@
 """Reading real data (validation, test, contexts) and checking it against the task before any generation.
 
 Accepted: JSON Lines (.jsonl, .jsonl.gz, .json), CSV, Parquet files, and Hugging Face `datasets` folders
-(`save_to_disk`). Labels may be names or integer ids (mapped through the task's label list).
+(`save_to_disk`). Labels may be names or integer ids (mapped through the task's label list); when some label
+name is itself a number (["1", "0"]), integers are matched as names instead, never as positions.
+Every problem is a DataError naming the file, the line or row, and the fix.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
 from s3ray.tasks.base import missing_text_field
 
@@ -26,62 +31,138 @@ def read_table(path: str | Path) -> pa.Table:
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     if p.is_dir():
-        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
-            import datasets
-
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                raise DataError(f"{p} is a DatasetDict with splits {list(ds)}: point at one split's folder")
-            return ds.data.table if hasattr(ds.data, "table") else ds.with_format("arrow")[:]
-        parquet = sorted(p.glob("*.parquet"))
-        if parquet:
-            import pyarrow.parquet as pq
-
-            return pq.read_table(str(p))
-        raise DataError(f"{p}: a folder must be a HF datasets folder (save_to_disk) or hold .parquet files")
+        return _read_folder(p)
     name = p.name.lower()
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(str(p))
-    if name.endswith((".csv", ".csv.gz", ".tsv")):
-        import pyarrow.csv as pcsv
-
-        parse = pcsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ",")
-        return pcsv.read_csv(pa.input_stream(str(p), compression="detect"), parse_options=parse)
+    try:
+        if name.endswith(".parquet"):
+            return pq.read_table(str(p))
+        if name.endswith((".csv", ".csv.gz", ".tsv")):
+            parse = pcsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ",")
+            return pcsv.read_csv(pa.input_stream(str(p), compression="detect"), parse_options=parse)
+    except (pa.ArrowInvalid, OSError) as e:
+        kind = "Parquet" if name.endswith(".parquet") else "CSV"
+        raise DataError(f"{p}: not a readable {kind} file ({e}); fix or re-export it") from None
     if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-        # Python's json per line: clearer errors (line numbers) than Arrow's reader on a bad line.
-        import gzip
+        return _read_jsonl(p, gz=name.endswith(".gz"))
+    raise DataError(f"{p}: unsupported file type {''.join(p.suffixes) or '(no extension)'}; "
+                    "use .jsonl[.gz], .json, .csv[.gz], .tsv, .parquet or a HF datasets folder")
 
-        opener = gzip.open if name.endswith(".gz") else open
-        rows = []
-        with opener(p, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}:{i}: not valid JSON ({e.msg}); expected one JSON object per line")
+
+def _read_folder(p: Path) -> pa.Table:
+    if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+        import datasets  # heavy import, only for HF folders
+
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            raise DataError(f"{p} is a DatasetDict with splits {list(ds)}: point at one split's folder")
+        return ds.data.table if hasattr(ds.data, "table") else ds.with_format("arrow")[:]
+    if sorted(p.glob("*.parquet")):
+        try:
+            return pq.read_table(str(p))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{p}: its Parquet files do not form one readable table ({e})") from None
+    raise DataError(f"{p}: a folder must be a HF datasets folder (save_to_disk) or hold .parquet files")
+
+
+def _read_jsonl(p: Path, gz: bool) -> pa.Table:
+    """Python's json per line: errors name the line (Arrow's reader does not)."""
+    rows, lines = [], []
+    try:
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{p}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1});"
+                                    " save the file as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}:{i}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{p}:{i}: a JSON {type(obj).__name__}; expected one JSON object per line")
+                rows.append(obj)
+                lines.append(i)
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{p}: not a readable gzip file ({e}); re-compress it or save it as .jsonl") from None
+    return _rows_to_table(rows, lines, p)
+
+
+def _kind(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(v), type(v).__name__)
+
+
+def _rows_to_table(rows: list[dict], lines: list[int], p: Path) -> pa.Table:
+    """One table from JSON rows, refusing what Arrow would drop (keys missing from the first row) or
+    reject without a location (a column of mixed types)."""
+    if not rows:
+        return pa.table({})
+    first, seen = rows[0], {}
+    for r, i in zip(rows, lines):
+        extra = [k for k in r if k not in first]
+        if extra:
+            raise DataError(f"{p}:{i}: key {extra[0]!r} is not in the first row (line {lines[0]}); every row "
+                            "must have the same keys (write null for a missing value)")
+        for k, v in r.items():
+            kind = _kind(v)
+            if kind is not None:
+                was, at = seen.setdefault(k, (kind, i))
+                if was != kind:
+                    raise DataError(f"{p}:{i}: column {k!r} holds a {kind} here but a {was} on line {at}; "
+                                    "use one type per column")
+    try:
         return pa.Table.from_pylist(rows)
-    raise DataError(f"{p}: unsupported file type; use .jsonl[.gz], .csv, .tsv, .parquet or a HF datasets folder")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise DataError(f"{p}: the rows do not form one table ({e}); use one type per column") from None
 
 
 def card_labels(path: str | Path) -> list[str] | None:
     """Label names from a dataset card (card.json) beside the data file, if there is one."""
     p = Path(path).expanduser()
     card = (p if p.is_dir() else p.parent) / "card.json"
-    if card.is_file():
-        labels = json.loads(card.read_text()).get("labels")
-        return list(labels) if labels else None
-    return None
+    if not card.is_file():
+        return None
+    try:
+        data = json.loads(card.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{card}: not valid JSON ({e}); fix it, or set task.labels in the config") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{card}: expected a JSON object with a 'labels' list; fix it, or set task.labels")
+    labels = data.get("labels")
+    if not labels:
+        return None
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+        raise DataError(f"{card}: 'labels' must be a list of label names (strings), got {labels!r}")
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise DataError(f"{card}: 'labels' names {dup} more than once; each label once")
+    return list(labels)
 
 
-def _normalize_label(value, labels: list[str]):
-    if isinstance(value, bool):
+def _is_number(name: str) -> bool:
+    try:
+        float(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _normalize_label(value, labels: list[str], numeric_names: bool):
+    """An integer is a label index only when no label name is numeric; with numeric names (["1", "0"])
+    it is matched as a name, so 1 means "1", never labels[1]."""
+    if isinstance(value, bool) or not isinstance(value, int):
         return value
-    if isinstance(value, int) and 0 <= value < len(labels):
-        return labels[value]
-    return value
+    if numeric_names:
+        return str(value)
+    return labels[value] if 0 <= value < len(labels) else value
 
 
 def load_rows(
@@ -98,7 +179,7 @@ def load_rows(
     field_map = field_map or {}
     rows = table.to_pylist()
     if not rows:
-        raise DataError(f"data.{split} ({path}) is empty")
+        raise DataError(f"data.{split} ({path}) is empty; it needs at least one row")
     # A contexts file only has to hold what seed prompts keep (premises, paragraphs): no labels, no answers.
     only_context = split == "contexts"
     if only_context:
@@ -108,15 +189,18 @@ def load_rows(
     renamed = [{field_map.get(k, k): v for k, v in r.items()} for r in rows]
     missing = [f for f in needed if f not in renamed[0]]
     if missing:
+        spare = sorted(k for k in rows[0] if field_map.get(k, k) not in needed)
+        example = f", e.g. field_map: {{{spare[0]}: {missing[0]}}}" if spare else ""
         raise DataError(
             f"data.{split} ({path}): columns {missing} are missing; found {sorted(rows[0])}. "
-            f"Rename columns with task.field_map, e.g. field_map: {{{min(rows[0])}: {missing[0]}}}"
+            f"Add them, or rename columns with task.field_map{example}"
         )
     problems = []
     out = []
+    numeric_names = any(_is_number(lab) for lab in task.labels or [])
     for i, r in enumerate(renamed):
         if task.labels is not None and not only_context:
-            r["label"] = _normalize_label(r.get("label"), task.labels)
+            r["label"] = _normalize_label(r.get("label"), task.labels, numeric_names)
         r["id"] = str(r.get("id", f"{split}-{i}"))
         err = missing_text_field(r, needed) if only_context else task.validate_row(r)
         if err:
@@ -131,7 +215,12 @@ def load_rows(
         )
     ids = [r["id"] for r in out]
     if len(set(ids)) != len(ids):
-        raise DataError(f"data.{split} ({path}): ids are not unique; remove the id column or make ids unique")
+        dup = next(i for n, i in enumerate(ids) if i in ids[:n])
+        raise DataError(f"data.{split} ({path}): ids are not unique (e.g. {dup!r}); remove the id column or make "
+                        "ids unique")
+    if size is not None and size > len(out):
+        raise DataError(f"data.{split}_size is {size} but data.{split} ({path}) holds {len(out)} rows; "
+                        f"lower data.{split}_size or leave it unset to use every row")
     if size is not None and size < len(out):
         by = "label" if task.labels is not None and not only_context else None
         out = stratified_sample(out, size, seed, by=by)

@@ -1,30 +1,132 @@
 """The run directory and its manifest: what finished, what it produced, so `--resume` skips it.
 
-Every step writes its outputs first (atomically: temp file, then rename) and records itself in
-manifest.json last. A crash between the two leaves the step unrecorded; on resume it runs again and
-overwrites its half-written outputs, and the teacher's generation cache keeps it from regenerating
-examples that were already written.
+Exactly once: every step writes its outputs first, durably (temp file with a unique name, fsync, rename,
+fsync of the folder), and records itself in manifest.json last, with the size and a cheap hash of each
+output. A crash between the two leaves the step unrecorded; on resume it runs again, and the teacher's
+generation cache keeps it from regenerating examples that were already written. A recorded step whose
+output no longer matches its record (a power loss before the data reached the disk, a truncated copy) is
+run again too. One driver at a time: the run holds an exclusive lock on `run.lock` until it closes.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import secrets
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from s3ray.pipeline.redact import redact
+
+log = logging.getLogger("s3ray")
+
 # Config sections that may change between a run and its resume (they don't change results).
 _RESUMABLE_CHANGES = {"ray", "mining.concurrency", "mining.batch_size", "teacher.replicas", "teacher.max_in_flight",
                       "teacher.openai", "run.output_dir"}
+DATA_FIELDS = ("validation", "test", "contexts")
+LOCK_NAME = "run.lock"
+# A cheap hash reads this much from each end of a file: enough to notice truncation and torn writes.
+_EDGE = 1 << 16
 
 
 class RunDirError(RuntimeError):
     pass
 
 
+# --- durable files --------------------------------------------------------------------------------
+def _tmp_name(path: Path) -> Path:
+    """A temp name no other process or thread can pick: two drivers never write the same temp file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` durable (the folder entry itself must reach the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, write) -> Path:
+    """`write(tmp)` into a unique temp file, fsync it, rename it over `path`, fsync the folder.
+    A failure at any point leaves `path` as it was and no temp file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` so that after a crash or power loss it holds either the old or the new bytes."""
+    return _write_durably(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+def write_parquet(path: str | Path, table: pa.Table) -> Path:
+    """`pq.write_table`, durably and atomically (see atomic_write_bytes)."""
+    return _write_durably(Path(path), lambda tmp: pq.write_table(table, tmp))
+
+
+def _files_under(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def fingerprint(path: str | Path, full: bool = False) -> dict:
+    """Size and hash of a file or folder. Cheap by default (size plus both ends of each file);
+    `full=True` hashes every byte (data files, whose change must be noticed anywhere)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    size = 0
+    for f in _files_under(path):
+        n = f.stat().st_size
+        size += n
+        h.update(f"{f.relative_to(path) if f != path else ''}\0{n}\0".encode())
+        with open(f, "rb") as fh:
+            if full or n <= 2 * _EDGE:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                h.update(fh.read(_EDGE))
+                fh.seek(-_EDGE, os.SEEK_END)
+                h.update(fh.read(_EDGE))
+    return {"size": size, "sha256" if full else "hash": h.hexdigest()}
+
+
+def _unsound(path: Path, rec: dict) -> str | None:
+    """Why the output at `path` does not match its record, or None when it does."""
+    if not path.exists():
+        return "is missing"
+    now = fingerprint(path)
+    if now["size"] != rec.get("size"):
+        return f"has {now['size']} bytes, {rec.get('size')} were recorded"
+    if now["hash"] != rec.get("hash"):
+        return "changed since it was recorded"
+    for f in _files_under(path):
+        if f.suffix == ".parquet":
+            try:
+                pq.ParquetFile(f).metadata  # noqa: B018 - reading the footer is the check
+            except (pa.ArrowException, OSError) as e:
+                return f"is not readable Parquet ({f.name}: {e})"
+    return None
+
+
+# --- the run --------------------------------------------------------------------------------------
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -36,29 +138,100 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def check_can_open(path: str | Path, resume: bool) -> None:
+    """Refuse a run dir that --resume/no --resume cannot use, before any expensive work starts."""
+    path = Path(path)
+    has_manifest = (path / "manifest.json").is_file()
+    if resume and not has_manifest:
+        what = "does not exist" if not path.exists() else "holds no manifest.json (no run was started there)"
+        raise RunDirError(f"cannot resume: {path} {what}; drop --resume to start a new run")
+    if resume:
+        read_manifest(path)  # a corrupt manifest is refused here, before any model loads
+    if not resume and has_manifest:
+        raise RunDirError(f"{path} already holds a run; add --resume to continue it, or set run.output_dir "
+                          "to a new folder")
+
+
+def read_manifest(path: str | Path) -> dict:
+    """A run's manifest.json, checked to be one; errors name the file and what to do."""
+    mpath = Path(path) / "manifest.json"
+    if not mpath.is_file():
+        raise RunDirError(f"{Path(path)}: no manifest.json here; point at a run's run.output_dir")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{mpath} is corrupt ({e}); restore it from a backup or start a new run_dir") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict) \
+            or not isinstance(manifest.get("steps"), dict):
+        raise RunDirError(f"{mpath} is not an s3ray manifest (needs 'config' and 'steps'); start a new run_dir")
+    return manifest
 
 
 class RunDir:
     def __init__(self, path: str | Path, config: dict, resume: bool):
-        self.path = Path(path)
+        self.path = Path(path).expanduser().resolve()  # results record paths relative to it
         self.manifest_path = self.path / "manifest.json"
-        if self.manifest_path.exists():
-            if not resume:
-                raise RunDirError(
-                    f"{self.path} already holds a run; add --resume to continue it, or set run.output_dir "
-                    "to a new folder"
-                )
-            self.manifest = json.loads(self.manifest_path.read_text())
-            self._check_same_config(self.manifest["config"], config)
-        else:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.manifest = {"config": config, "steps": {}, "created": time.time()}
-            self._save()
+        self._lock_fd: int | None = None
+        config = redact(config)
+        if resume:  # nothing to resume: refused before anything is created
+            check_can_open(self.path, resume)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()  # before the other checks: a second driver learns that the run is in use, and by whom
+        try:
+            check_can_open(self.path, resume)
+            if resume:
+                self.manifest = read_manifest(self.path)
+                self._check_same_config(self.manifest["config"], config)
+                self._check_data(config)
+            else:
+                self.manifest = {"config": config, "steps": {}, "files": {}, "created": time.time(),
+                                 "data": _data_fingerprints(config)}
+                self._save()
+        except BaseException:
+            self.close()
+            raise
 
+    @classmethod
+    def open_existing(cls, path: str | Path) -> RunDir:
+        """A finished or running run, read-only (no lock, no config check): for reports."""
+        run = cls.__new__(cls)
+        run.path, run._lock_fd = Path(path), None
+        run.manifest_path = run.path / "manifest.json"
+        run.manifest = read_manifest(run.path)
+        return run
+
+    # --- one driver at a time ---------------------------------------------------------------------
+    def _lock(self) -> None:
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"{self.path} is in use by another s3ray driver (pid {holder}); wait for it to "
+                              "finish or stop it, or set run.output_dir to a new folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the run's lock (also released when the process exits)."""
+        fd = getattr(self, "_lock_fd", None)  # None too when __init__ failed early
+        if fd is not None:
+            self._lock_fd = None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- resume checks ----------------------------------------------------------------------------
     @staticmethod
     def _check_same_config(old: dict, new: dict) -> None:
         a, b = _flatten(old), _flatten(new)
@@ -72,20 +245,72 @@ class RunDir:
                 + ". Restore those values, or start a new run in another run.output_dir"
             )
 
+    def _check_data(self, config: dict) -> None:
+        recorded = self.manifest.setdefault("data", {})
+        for key, fp in _data_fingerprints(config).items():
+            old = recorded.get(key)
+            if old is None:  # a run started before data files were fingerprinted
+                recorded[key] = fp
+            elif old["sha256"] != fp["sha256"]:
+                raise RunDirError(f"{key}: {fp['path']} changed since this run started (sha256 {old['sha256'][:12]}"
+                                  f" -> {fp['sha256'][:12]}); restore it or start a new run_dir")
+
     def _save(self) -> None:
-        _atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=2, default=str))
+        atomic_write_bytes(self.manifest_path, json.dumps(self.manifest, indent=2, default=str).encode())
+
+    # --- paths ------------------------------------------------------------------------------------
+    def rel(self, path: str | Path) -> str:
+        """`path` relative to the run dir (what the manifest stores, so a moved run still resolves);
+        a path outside the run dir stays as it is."""
+        p = Path(path)
+        if not p.is_absolute():
+            return str(p)
+        try:
+            return str(p.resolve().relative_to(self.path.resolve()))
+        except ValueError:
+            return str(p)
+
+    def abs(self, rel: str | Path) -> Path:
+        """Where a path recorded in the manifest lies now."""
+        p = Path(rel)
+        return p if p.is_absolute() else self.path / p
 
     # --- steps ------------------------------------------------------------------------------------
     def done(self, step: str) -> bool:
-        return step in self.manifest["steps"]
+        """The step finished and every output it recorded is still what it wrote."""
+        rec = self.manifest["steps"].get(step)
+        if rec is None:
+            return False
+        for rel, fp in rec.get("outputs", {}).items():
+            why = _unsound(self.abs(rel), fp)
+            if why:
+                log.warning("step %s is run again: its output %s %s", step, self.abs(rel), why)
+                del self.manifest["steps"][step]
+                self._save()
+                return False
+        return True
 
     def result(self, step: str) -> dict:
         return self.manifest["steps"][step]["result"]
 
-    def finish(self, step: str, result: dict, seconds: float) -> dict:
-        self.manifest["steps"][step] = {"result": result, "seconds": round(seconds, 2), "finished": time.time()}
+    def finish(self, step: str, result: dict, seconds: float, outputs: list[str] | None = None) -> dict:
+        """Record `step` as done, with the size and hash of each output (paths relative to the run dir)."""
+        recorded = {self.rel(o): fingerprint(self.abs(o)) for o in outputs or []}
+        self.manifest["steps"][step] = {"result": result, "seconds": round(seconds, 2), "finished": time.time(),
+                                        "outputs": recorded}
         self._save()
         return result
+
+    def outputs_in(self, result: dict, keys: tuple[str, ...] = ("path", "checkpoint", "errors_path")) -> list[str]:
+        """The files/folders a step result names under `keys` that lie inside this run dir."""
+        out = []
+        for k in keys:
+            v = result.get(k) if isinstance(result, dict) else None
+            if isinstance(v, str) and self.abs(v).exists():
+                rel = self.rel(self.abs(v))
+                if not Path(rel).is_absolute():
+                    out.append(rel)
+        return out
 
     def steps(self) -> dict:
         return self.manifest["steps"]
@@ -97,19 +322,29 @@ class RunDir:
         return p
 
     def write_parquet(self, rel: str, table: pa.Table) -> str:
-        p = self.file(rel)
-        tmp = p.with_name(p.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, p)
+        return str(write_parquet(self.path / rel, table))
+
+    def write_parquet_once(self, rel: str, make_table) -> str:
+        """Write `make_table()` to `rel` unless a sound copy recorded earlier is there already."""
+        files = self.manifest.setdefault("files", {})
+        p = self.path / rel
+        if rel in files and _unsound(p, files[rel]) is None:
+            return str(p)
+        write_parquet(p, make_table())
+        files[rel] = fingerprint(p)
+        self._save()
         return str(p)
 
-    def rel(self, path: str | Path) -> str:
-        """`path` relative to the run directory, as results record it (a moved run still finds it)."""
-        return os.path.relpath(Path(path).resolve(), self.path.resolve())
-
-    def abs(self, rel: str | Path) -> Path:
-        """A recorded path in this run directory (absolute paths of older manifests pass through)."""
-        return self.path / rel
-
     def read_parquet(self, rel: str) -> list[dict]:
-        return pq.read_table(self.path / rel).to_pylist()
+        return pq.read_table(self.abs(rel)).to_pylist()
+
+
+def _data_fingerprints(config: dict) -> dict:
+    """Full sha256 of each data file the config names, keyed `data.<field>`."""
+    data = config.get("data") or {}
+    out = {}
+    for name in DATA_FIELDS:
+        path = data.get(name)
+        if path and Path(path).expanduser().exists():
+            out[f"data.{name}"] = {"path": str(path), **fingerprint(Path(path).expanduser(), full=True)}
+    return out

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,7 +27,7 @@ from s3ray.models import resolve_student, resolve_teacher
 from s3ray.pipeline import steps
 from s3ray.pipeline.report import write_report
 from s3ray.pipeline.rundir import RunDir
-from s3ray.pipeline.steps import MiningResult, RationalesResult, StudentResult, SynthesisResult
+from s3ray.pipeline.steps import MiningResult, RationalesResult, StepFailed, StudentResult, SynthesisResult
 from s3ray.runtime import init_ray, set_cache_dirs
 from s3ray.student import evaluate_student, train_student
 from s3ray.synthesis.collect import SynthesisStats, collect_examples, collect_rationales, rows_to_table
@@ -95,10 +96,6 @@ class StopRun(Exception):
     """Raised after the step named by `stop_after` finished (a planned pause; resume continues)."""
 
 
-class StepFailed(RuntimeError):
-    """A step could not produce a sound result; nothing was recorded, so a resume runs it again."""
-
-
 class StepRecorder:
     """Runs a step unless the manifest says it is done, and records its typed result and time."""
 
@@ -113,7 +110,8 @@ class StepRecorder:
         log.info("== %s", step)
         t0 = time.time()
         result = fn(*args)
-        self.run.finish(step.name, dataclasses.asdict(result), time.time() - t0)
+        recorded = dataclasses.asdict(result)
+        self.run.finish(step.name, recorded, time.time() - t0, outputs=self.run.outputs_in(recorded))
         if self.stop_after == step.name:
             raise StopRun(step.name)
         return result
@@ -145,9 +143,9 @@ class S3Steps:
         self.cfg, self.inputs, self.run, self.teacher = cfg, inputs, run, teacher
         self.task, self.syn, self.seed = inputs.task, cfg.synthesis, cfg.run.seed
         # Real data as Parquet: Ray Data streams validation inference from it.
-        self.val_path = run.write_parquet("data/validation.parquet", _real_table(inputs.validation))
+        self.val_path = run.write_parquet_once("data/validation.parquet", partial(_real_table, inputs.validation))
         if inputs.test:
-            run.write_parquet("data/test.parquet", _real_table(inputs.test))
+            run.write_parquet_once("data/test.parquet", partial(_real_table, inputs.test))
 
     def generate(self, planned, desc: str):
         return self.teacher.generate([p.request for p in planned], desc=desc)
@@ -293,7 +291,9 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
         log.info("stopped after %s as asked; continue with --resume", stop)
     finally:
         teacher.shutdown()
-    return write_report(run)
+    report = write_report(run)
+    run.close()  # on an error, the lock goes with the RunDir object (or the process)
+    return report
 
 
 def _run_steps(s3: S3Steps, step: StepRecorder) -> None:

@@ -15,6 +15,10 @@ from typing import Any, Generic, TypeVar
 R = TypeVar("R")
 
 
+class StepFailed(RuntimeError):
+    """A step could not produce a sound result; nothing was recorded, so a resume runs it again."""
+
+
 def _from_dict(cls, d: dict):
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
