@@ -17,12 +17,13 @@ from pathlib import Path
 
 from s3ray.config import S3Config
 from s3ray.data.load import card_labels, load_rows, split_holdout
-from s3ray.models import resolve_student, resolve_teacher
+from s3ray.models import resolve_student
 from s3ray.pipeline.rundir import RunDir
 from s3ray.synthesis.collect import SynthesisStats, collect_examples, collect_rationales, rows_to_table
 from s3ray.synthesis.dedup import Deduplicator
 from s3ray.synthesis.plan import cap_errors, plan_ees, plan_rationales, plan_seed
 from s3ray.tasks import make_task
+from s3ray.teacher.teacher import make_teacher, teacher_model_path
 
 log = logging.getLogger("s3ray")
 
@@ -69,10 +70,7 @@ def prepare_inputs(cfg: S3Config, resolve_models: bool = True) -> RunInputs:
             contexts = load_rows(cfg.data.contexts, task, "contexts", cfg.task.field_map, None, seed)
     teacher_path = student_path = ""
     if resolve_models:
-        if cfg.teacher.engine != "openai":
-            teacher_path = resolve_teacher(cfg.teacher.model)
-        else:
-            teacher_path = cfg.teacher.model
+        teacher_path = teacher_model_path(cfg.teacher)
         student_path = resolve_student(cfg.student.model)
     return RunInputs(task, val, test, contexts, teacher_path, student_path)
 
@@ -236,12 +234,9 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
     run = RunDir(cfg.run.output_dir, cfg.model_dump(mode="json"), resume)
     set_cache_dirs(run.path / "cache")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    from s3ray.teacher.pool import TeacherPool
-
-    # Replicas start at the first request the generation cache can't answer.
-    teacher = TeacherPool(cfg.teacher, inputs.teacher_path, run_seed=cfg.run.seed,
-                          cache_path=run.path / "teacher_cache.sqlite", model_name=cfg.teacher.model,
-                          lazy_start=True)
+    # The backend starts at the first request the generation cache can't answer.
+    teacher = make_teacher(cfg.teacher, inputs.teacher_path, run_seed=cfg.run.seed,
+                           cache_path=run.path / "teacher_cache.sqlite", model_name=cfg.teacher.model)
     s3 = S3Steps(cfg, inputs, run, teacher)
     step = partial(_timed, run, stop_after=stop_after)
     rounds = cfg.synthesis.rounds
@@ -263,7 +258,7 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
         run.write_parquet("final/train.parquet", rows_to_table(final_rows, inputs.task))
         if cfg.baselines.equal_budget:  # its extra seed rows need the teacher: generate them before release
             step("baseline/equal_budget/synthesis", partial(s3.synthesize_extra_seed, rationales, len(final_rows)))
-        teacher.shutdown()  # frees its CPUs/GPUs for the students
+        teacher.release()  # frees its CPUs/GPUs for the students
         step(f"round{rounds}/train", partial(s3.train, final_rows, inputs.validation, f"round{rounds}"))
 
         if cfg.baselines.equal_budget:
@@ -273,7 +268,7 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
     except StopRun as stop:
         log.info("stopped after %s as asked; continue with --resume", stop)
     finally:
-        teacher.shutdown()
+        teacher.close()
     return write_report(run, cfg)
 
 
