@@ -13,7 +13,6 @@ can't answer; `release()` frees it (replicas, GPUs) and the next uncached reques
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -226,9 +225,9 @@ def make_teacher(cfg: TeacherConfig, model_path: str, run_seed: int, cache_path:
     model_path = str(model_path)
     name = model_name or model_path
     if backend == "http":
-        factory: Callable[[], Backend] = lambda: HttpBackend(cfg, model_path, run_seed)  # noqa: E731
+        factory: Callable[[], Backend] = lambda: HttpBackend(cfg, model_path, run_seed)
     elif backend == "local":
-        factory = lambda: local_backend(cfg, model_path, run_seed)  # noqa: E731
+        factory = lambda: local_backend(cfg, model_path, run_seed)
     elif backend == "ray":
         def factory() -> Backend:
             from s3ray.teacher.ray_pool import RayReplicaPool  # imports Ray: only when replicas start

@@ -16,7 +16,14 @@ from collections.abc import Sequence
 
 from s3ray.config import TeacherConfig
 from s3ray.teacher.cpu import engine_env, on_cpu, vllm_engine_args
-from s3ray.teacher.engines.base import Engine, check_sampling, error_text, failed, render_prompt_ids, request_seed
+from s3ray.teacher.engines.base import (
+    Engine,
+    check_sampling,
+    error_text,
+    failed,
+    render_prompt_ids,
+    request_seed,
+)
 from s3ray.teacher.types import GenerationRequest, GenerationResult
 
 log = logging.getLogger("s3ray.teacher")
