@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,8 @@ class RayReplicaPool:
         self.chunk_size = chunk_size or max(1, min(16, math.ceil(cfg.max_in_flight / 4)))
         self.sent = 0
         self.faults = Faults()
+        # Actors are named `<name>-r<replica>-<restart>` (`ray list actors`, `ray.get_actor` find them).
+        self.name = f"s3ray-teacher-{uuid.uuid4().hex[:8]}"
         if not ray.is_initialized():
             init_ray()
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -189,6 +192,7 @@ class RayReplicaPool:
             if cfg.engine == "vllm" and world == 1:
                 engine_kwargs["distributed_executor_backend"] = "uni"  # in-process, see cpu.engine_env
         seed = derive_seed(self.run_seed, "replica", slot.index)
+        opts["name"] = f"{self.name}-r{slot.index}-{slot.restarts}"
         slot.actor = ray.remote(_Replica).options(**opts).remote(
             cfg.model_dump_json(), self.model_path, seed, slot.index, engine_kwargs,
             slot.placement_group is not None)
@@ -298,7 +302,7 @@ class RayReplicaPool:
 
     def _fail_slot(self, slot: _Slot, err: BaseException, queue: deque, inflight: dict) -> None:
         """Kill the replica, requeue (or bisect, or isolate) its chunks, restart it if budget is left."""
-        why = error_text(err)
+        why = error_text(getattr(err, "cause", None) or err)  # RayTaskError: the engine's own exception
         log.warning("teacher replica %d failed (%s); %d chunk(s) were on it", slot.index, why[:300],
                     len(slot.chunks))
         out = [c for c, _ in slot.chunks.values()]

@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+
 from s3ray.config import TeacherConfig
 from s3ray.teacher.cpu import engine_env, vllm_engine_args
 from s3ray.teacher.engines.openai import redact_url
@@ -103,8 +105,6 @@ def serve(cfg: TeacherConfig, model_path: str, host: str = "127.0.0.1", port: in
 def wait_until_ready(base_url: str, timeout_s: float = 300.0, proc: subprocess.Popen | None = None) -> None:
     """Poll `GET {base_url}/models` until it answers 200. Raises TimeoutError, or RuntimeError when `proc`
     (the server process) exits first."""
-    import httpx
-
     url = base_url.rstrip("/") + "/models"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -112,7 +112,7 @@ def wait_until_ready(base_url: str, timeout_s: float = 300.0, proc: subprocess.P
             raise RuntimeError(f"the teacher server exited with code {proc.returncode} before answering "
                                f"{redact_url(url)}")
         try:
-            if httpx.get(url, timeout=5.0).status_code == 200:
+            if httpx.get(url, timeout=5.0).status_code in (200, 401):  # 401: up, and asking for its key
                 return
         except httpx.HTTPError:
             pass
@@ -134,12 +134,14 @@ def running_server(
     port: int | None = None,
     log_path: str | Path | None = None,
     timeout_s: float = 300.0,
+    api_key_env: str | None = None,
 ) -> Iterator[str]:
     """Start a server in the background, yield its base URL (`http://host:port/v1`) once it answers, and
-    stop it afterwards. Output goes to `log_path` (else discarded)."""
+    stop it afterwards. Output goes to `log_path` (else discarded). `api_key_env`: as `serve`."""
     port = port or free_port(host)
+    env = {**server_env(cfg), **api_key_env_vars(api_key_env, host)}
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(server_command(cfg, model_path, host, port), env=server_env(cfg), stdout=out,
+    proc = subprocess.Popen(server_command(cfg, model_path, host, port), env=env, stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
     base_url = f"http://{host}:{port}/v1"
     try:
