@@ -10,9 +10,18 @@ from __future__ import annotations
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -90,12 +99,28 @@ class SamplingConfig(_Strict):
     max_tokens: int = Field(64, ge=1, description="Maximum new tokens per teacher call.")
 
 
+def redact_url(url: str) -> str:
+    """`url` without user, password and query (where keys hide), for logs, cache keys and manifests."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 class OpenAIConfig(_Strict):
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible endpoint.")
+    base_url: str = Field(
+        "http://127.0.0.1:8000/v1",
+        description="OpenAI-compatible endpoint. Written to manifests without credentials (user:pass@, ?query).",
+    )
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
     concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
     max_retries: int = Field(6, ge=0, description="Retries on 429/5xx/timeouts, exponential backoff.")
+
+    @field_serializer("base_url", when_used="json")
+    def _redacted(self, url: str) -> str:  # JSON dumps go to manifests and reports, never credentials
+        return redact_url(url)
 
 
 # Engine arguments s3ray sets itself from other fields; engine_args must not override them silently.

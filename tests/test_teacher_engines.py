@@ -195,3 +195,6 @@ def test_serve_takes_the_key_from_a_variable_and_warns_without_one(monkeypatch, 
 def test_redact_url_drops_credentials():
     assert redact_url("https://user:s3cret@api.example.com:8443/v1?key=abc") == "https://api.example.com:8443/v1"
     assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    cfg = TeacherConfig(engine="openai", openai=OpenAIConfig(base_url="https://user:s3cret@api.example.com/v1"))
+    assert "s3cret" not in cfg.model_dump_json() and "s3cret" not in str(cfg.model_dump(mode="json"))
+    assert cfg.openai.base_url.startswith("https://user:s3cret@")  # the client itself still has it

@@ -16,27 +16,19 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from s3ray.config import TeacherConfig
+from s3ray.config import TeacherConfig, redact_url
 from s3ray.teacher.engines.base import Engine, error_text, failed, request_seed
 from s3ray.teacher.types import GenerationRequest, GenerationResult
+
+__all__ = ["OpenAIEngine", "redact_url"]
 
 # httpx logs every request URL at INFO; a URL may carry credentials (user:pass@host).
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
-
-
-def redact_url(url: str) -> str:
-    """`url` without user, password and query (where keys hide), for logs, cache keys and manifests."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class OpenAIEngine(Engine):
