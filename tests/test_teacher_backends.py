@@ -177,11 +177,16 @@ def test_failed_requests_are_retried_up_to_max_attempts(tmp_path):
             (lost,) = t.generate([_req("b")])  # fails three times: an error, not cached
             st = t.stats()
             rows = len(t.cache)
+            t.release()  # frees the backend; the next uncached request starts a new one
+            assert not t.started and t.generate([_req("a")])[0].cached and not t.started
+            assert t.generate([_req("c")])[0].ok and t.started
+            after = t.stats()
     finally:
         server.close()
     assert saved.ok and saved.text == "ok seed=1"
     assert not lost.ok and "503" in lost.error
-    assert len(server.calls) == 6 and st.retries == 4 and st.failed == 1 and rows == 1
+    assert len(server.calls) == 7 and st.retries == 4 and st.failed == 1 and rows == 1
+    assert after.backend_starts == 2 and after.sent == 7  # counters of the released backend are kept
 
 
 # ------------------------------------------------------------------------------- facade: model identity

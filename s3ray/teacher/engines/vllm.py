@@ -61,8 +61,8 @@ class VLLMEngine(Engine):
     def __init__(self, cfg: TeacherConfig, model_path: str, engine_seed: int,
                  distributed_executor_backend: str | None = None) -> None:
         single = cfg.tensor_parallel_size * cfg.pipeline_parallel_size == 1
-        for k, val in engine_env(cfg, in_process=single and on_cpu()).items():  # read when the engine starts
-            os.environ.setdefault(k, val)
+        # The config is the truth for these (the CPU build reads them when the engine starts).
+        os.environ.update(engine_env(cfg, in_process=single and on_cpu()))
         from vllm import LLM
 
         _check_engine_args(cfg.vllm.engine_args)
