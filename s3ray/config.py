@@ -132,11 +132,10 @@ _RESERVED_ENGINE_ARGS = {
 }
 
 
-def _check_engine_args(args: dict[str, Any], section: str) -> dict[str, Any]:
+def _check_engine_args(args: dict[str, Any], section: str) -> None:
     for key in args:
         if key in _RESERVED_ENGINE_ARGS:
             raise ValueError(f"{section}.engine_args.{key} is set by s3ray: use {_RESERVED_ENGINE_ARGS[key]}")
-    return args
 
 
 class VLLMConfig(_Strict):
@@ -149,11 +148,6 @@ class VLLMConfig(_Strict):
         description="Passed as-is to vLLM's EngineArgs (e.g. {max_num_seqs: 64}); they override s3ray's own.",
     )
 
-    @field_validator("engine_args")
-    @classmethod
-    def _args(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _check_engine_args(v, "teacher.vllm")
-
 
 class TransformersConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="Prompts per generate() call.")
@@ -161,11 +155,6 @@ class TransformersConfig(_Strict):
         default_factory=dict,
         description="Passed as-is to AutoModelForCausalLM.from_pretrained (e.g. {attn_implementation: sdpa}).",
     )
-
-    @field_validator("engine_args")
-    @classmethod
-    def _args(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _check_engine_args(v, "teacher.transformers")
 
 
 # Flat teacher keys of earlier versions, and where they live now: naming the new place beats "unknown field".
@@ -198,15 +187,11 @@ class TeacherConfig(_Strict):
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off by default.")
     max_restarts: int = Field(2, ge=0, description="Times a dead replica is restarted.")
-    max_attempts: int = Field(
-        3, ge=1, description="Tries per request; one that still fails comes back as an error (never cached)."
-    )
-    start_timeout_s: float = Field(
-        900.0, gt=0, description="Deadline for a replica to be placed and load its engine."
-    )
-    request_timeout_s: float = Field(
-        1800.0, gt=0, description="Deadline for one chunk of requests on a replica; past it the replica is restarted."
-    )
+    max_attempts: int = Field(3, ge=1, description="Tries per request; one that still fails comes back as an "
+                              "error (never cached).")
+    start_timeout_s: float = Field(900.0, gt=0, description="Deadline for a replica to be placed and load its engine.")
+    request_timeout_s: float = Field(1800.0, gt=0, description="Deadline for one chunk of requests on a replica; "
+                                     "past it the replica is restarted.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Settings of the vllm engine.")
     transformers: TransformersConfig = Field(
         default_factory=TransformersConfig, description="Settings of the transformers engine."
@@ -222,6 +207,12 @@ class TeacherConfig(_Strict):
             if moved:
                 raise ValueError("; ".join(moved))
         return data
+
+    @model_validator(mode="after")
+    def _engine_args(self) -> TeacherConfig:
+        _check_engine_args(self.vllm.engine_args, "teacher.vllm")
+        _check_engine_args(self.transformers.engine_args, "teacher.transformers")
+        return self
 
 
 class SynthesisConfig(_Strict):
