@@ -114,6 +114,7 @@ class RayReplicaPool:
         self.chunk_size = chunk_size or max(1, min(16, math.ceil(cfg.max_in_flight / 4)))
         self.sent = 0
         self.faults = Faults()
+        self._last_failure = "none"
         # Actors are named `<name>-r<replica>-<restart>` (`ray list actors`, `ray.get_actor` find them).
         self.name = f"s3ray-teacher-{uuid.uuid4().hex[:8]}"
         if not ray.is_initialized():
@@ -227,7 +228,7 @@ class RayReplicaPool:
                     raise TeacherError(
                         f"every teacher replica is dead and out of restarts (teacher.max_restarts="
                         f"{self.cfg.max_restarts}); {sum(len(c.requests) for c in queue)} requests unfinished "
-                        "(finished ones are in the cache: rerun to resume)")
+                        f"(finished ones are in the cache: rerun to resume). Last failure: {self._last_failure}")
                 done, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=1.0)
                 for ref in done:
                     if ref in starting:
@@ -303,6 +304,7 @@ class RayReplicaPool:
     def _fail_slot(self, slot: _Slot, err: BaseException, queue: deque, inflight: dict) -> None:
         """Kill the replica, requeue (or bisect, or isolate) its chunks, restart it if budget is left."""
         why = error_text(getattr(err, "cause", None) or err)  # RayTaskError: the engine's own exception
+        self._last_failure = why
         log.warning("teacher replica %d failed (%s); %d chunk(s) were on it", slot.index, why[:300],
                     len(slot.chunks))
         out = [c for c, _ in slot.chunks.values()]
