@@ -1,11 +1,11 @@
-"""Teacher throughput: raw vLLM vs the TeacherPool vs transformers vs the OpenAI-endpoint path.
+"""Teacher throughput: raw vLLM vs the Teacher's Ray pool vs transformers vs the OpenAI-endpoint path.
 
 One run, one machine, the same prompts and the same per-request seeds for every path, and a fixed output
 length (ignore_eos with min_tokens = max_tokens) so output tokens/s compare. Engine start-up is timed
 separately and excluded from the throughput clock; each path gets a small warm-up call first.
 
 - vllm_raw: offline `vllm.LLM.generate` on all prompts at once, in this process (the ceiling).
-- pool_1: `TeacherPool` with 1 vLLM replica (a Ray actor) fed by the streaming driver.
+- pool_1: `make_teacher` (Ray backend) with 1 vLLM replica (a Ray actor) fed by the streaming driver.
 - transformers: `TransformersEngine` (batched `generate`, teacher.batch_size prompts per call).
 - openai: `OpenAIEngine` (HTTP, teacher.openai.concurrency in flight) against a local vLLM OpenAI server.
 - pool_scaling: the pool with 1..N replicas, when the cluster has more than one GPU.
@@ -62,16 +62,17 @@ def _rate(name: str, results, seconds: float, startup: float) -> dict:
 
 
 def bench_vllm_raw(cfg, model_path: str, reqs) -> dict:
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.kv_cache_space_gb)))
+    from s3ray.teacher.cpu import engine_env
+
+    os.environ.update(engine_env(cfg))
     from vllm import LLM, SamplingParams
 
-    from s3ray.teacher.engines import cpu_workarounds, render_prompt_ids
+    from s3ray.teacher.engines import render_prompt_ids
+    from s3ray.teacher.engines.vllm import engine_kwargs
 
     t0 = time.perf_counter()
-    # Same engine settings as the pool's engine (cpu_workarounds: no chunked prefill with seeds on CPU).
-    llm = LLM(model=model_path, dtype=cfg.dtype, seed=0, max_model_len=cfg.max_model_len,
-              enforce_eager=cfg.enforce_eager, gpu_memory_utilization=cfg.gpu_memory_utilization,
-              tensor_parallel_size=cfg.tensor_parallel_size, **cpu_workarounds(cfg))
+    # Same engine arguments as the teacher's vLLM engine (CPU workarounds included).
+    llm = LLM(**engine_kwargs(cfg, model_path, 0, None))
     startup = time.perf_counter() - t0
     tok = llm.get_tokenizer()
     prompts = [{"prompt_token_ids": render_prompt_ids(tok, r)} for r in reqs]
@@ -92,11 +93,12 @@ def bench_vllm_raw(cfg, model_path: str, reqs) -> dict:
 
 
 def bench_pool(cfg, model_path: str, reqs, replicas: int) -> dict:
-    from s3ray.teacher.pool import TeacherPool
+    from s3ray.teacher import make_teacher
 
     cfg = cfg.model_copy(update={"replicas": replicas, "engine": "vllm"})
     t0 = time.perf_counter()
-    with TeacherPool(cfg, model_path, run_seed=0) as pool:
+    with make_teacher(cfg, model_path, run_seed=0) as pool:  # no cache: every request reaches the replicas
+        pool.generate(reqs[:1], desc="start")  # replicas start at the first request
         startup = time.perf_counter() - t0
         pool.generate([r for r in reqs[:4 * replicas]], desc="warm-up")
         t0 = time.perf_counter()
@@ -106,7 +108,7 @@ def bench_pool(cfg, model_path: str, reqs, replicas: int) -> dict:
 
 
 def bench_transformers(cfg, model_path: str, reqs) -> dict:
-    from s3ray.teacher.engines import TransformersEngine
+    from s3ray.teacher.engines.transformers import TransformersEngine
 
     t0 = time.perf_counter()
     eng = TransformersEngine(cfg.model_copy(update={"engine": "transformers"}), model_path, engine_seed=0)
@@ -121,7 +123,7 @@ def bench_transformers(cfg, model_path: str, reqs) -> dict:
 
 def bench_openai(cfg, model_path: str, reqs, log_path: Path) -> dict:
     from s3ray.config import OpenAIConfig
-    from s3ray.teacher.engines import OpenAIEngine
+    from s3ray.teacher.engines.openai import OpenAIEngine
     from s3ray.teacher.serve import running_server
 
     t0 = time.perf_counter()
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {args.model} -> {model_path} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     ncpu = len(os.sched_getaffinity(0))
-    over = {"kv_cache_space_gb": 1, "max_model_len": 1024}
+    over: dict = {"vllm": {"kv_cache_space_gb": 1, "max_model_len": 1024}}
     if not gpu:
         over["cpus_per_replica"] = args.cpus_per_replica or ncpu
     if args.max_in_flight:
@@ -222,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": "GPU" if gpu else f"CPU x{ncpu} ({platform.processor() or platform.machine()})",
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
-        "teacher_config": {k: getattr(cfg, k) for k in ("dtype", "max_in_flight", "cpus_per_replica",
-                                                        "batch_size", "enforce_eager")},
+        "teacher_config": {"dtype": cfg.dtype, "max_in_flight": cfg.max_in_flight,
+                           "cpus_per_replica": cfg.cpus_per_replica, "batch_size": cfg.transformers.batch_size,
+                           "enforce_eager": cfg.vllm.enforce_eager},
         "openai_concurrency": cfg.openai.concurrency,
         "results": res,
         "pool_over_raw": ratio("pool_1", "vllm_raw"),

@@ -148,7 +148,8 @@ def _cmd_serve(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _setup_logging(None, args.verbose)
-    return serve(cfg.teacher, resolve_teacher(cfg.teacher.model), host=args.host, port=args.port)
+    return serve(cfg.teacher, resolve_teacher(cfg.teacher.model), host=args.host, port=args.port,
+                 api_key_env=args.api_key_env)
 
 
 def _cmd_report(args) -> int:
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(s)
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    s.add_argument("--api-key-env", metavar="VAR", default=None,
+                   help="require this API key, read from environment variable VAR (clients send it as Bearer)")
     s.set_defaults(fn=_cmd_serve)
 
     rep = sub.add_parser("report", help="rebuild the report (Markdown, JSON, PNG) of a run directory")

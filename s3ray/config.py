@@ -13,7 +13,17 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from s3ray.redact import redact_url
 
 
 class ConfigError(ValueError):
@@ -106,17 +116,69 @@ class SamplingConfig(_Strict):
 
 
 class OpenAIConfig(_Strict):
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible endpoint.")
+    base_url: str = Field(
+        "http://127.0.0.1:8000/v1",
+        description="OpenAI-compatible endpoint. Written to manifests without credentials (user:pass@, ?query).",
+    )
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
     concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
     max_retries: int = Field(6, ge=0, description="Retries on 429/5xx/timeouts, exponential backoff.")
 
+    @field_serializer("base_url", when_used="json")
+    def _redacted(self, url: str) -> str:  # JSON dumps go to manifests and reports, never credentials
+        return redact_url(url)
+
+
+# Engine arguments s3ray sets itself from other fields; engine_args must not override them silently.
+_RESERVED_ENGINE_ARGS = {
+    "model": "teacher.model", "tokenizer": "teacher.model", "seed": "run.seed",
+    "trust_remote_code": "teacher.trust_remote_code", "dtype": "teacher.dtype", "torch_dtype": "teacher.dtype",
+    "tensor_parallel_size": "teacher.tensor_parallel_size",
+    "pipeline_parallel_size": "teacher.pipeline_parallel_size",
+}
+
+
+def _check_engine_args(args: dict[str, Any], section: str) -> None:
+    for key in args:
+        if key in _RESERVED_ENGINE_ARGS:
+            raise ValueError(f"{section}.engine_args.{key} is set by s3ray: use {_RESERVED_ENGINE_ARGS[key]}")
+
+
+class VLLMConfig(_Strict):
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0, description="vLLM memory fraction.")
+    kv_cache_space_gb: float = Field(2.0, gt=0, description="vLLM CPU build: KV cache size in GiB.")
+    enforce_eager: bool = Field(True, description="vLLM: skip graph capture (faster start, fine on CPU).")
+    max_model_len: int = Field(2048, ge=64, description="Context length the engine reserves KV cache for.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed as-is to vLLM's EngineArgs (e.g. {max_num_seqs: 64}); they override s3ray's own.",
+    )
+
+
+class TransformersConfig(_Strict):
+    batch_size: int = Field(32, ge=1, description="Prompts per generate() call.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed as-is to AutoModelForCausalLM.from_pretrained (e.g. {attn_implementation: sdpa}).",
+    )
+
+
+# Flat teacher keys of earlier versions, and where they live now: naming the new place beats "unknown field".
+_MOVED_TEACHER_KEYS = {
+    "gpu_memory_utilization": "teacher.vllm.gpu_memory_utilization",
+    "kv_cache_space_gb": "teacher.vllm.kv_cache_space_gb",
+    "enforce_eager": "teacher.vllm.enforce_eager",
+    "max_model_len": "teacher.vllm.max_model_len",
+    "batch_size": "teacher.transformers.batch_size",
+}
+
 
 class TeacherConfig(_Strict):
     model: str = Field(
         "embedded:smollm2-135m-instruct",
-        description="'embedded:smollm2-135m-instruct', a local HF folder, or a hub id where a hub is reachable.",
+        description="'embedded:smollm2-135m-instruct', a local HF folder, or a hub id where a hub is reachable; "
+        "for engine openai, the model name the endpoint serves.",
     )
     engine: Literal["vllm", "transformers", "openai"] = Field(
         "vllm", description="vllm (CUDA or CPU build) | transformers (batched generate) | openai (HTTP)."
@@ -127,16 +189,37 @@ class TeacherConfig(_Strict):
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica.")
     use_gpu: bool | None = Field(None, description="Place replicas on GPUs. None: yes when the cluster has GPUs.")
     max_in_flight: int = Field(64, ge=1, description="Requests outstanding per replica (backpressure).")
-    dtype: str = Field("bfloat16", description="Weights dtype for vllm/transformers engines.")
-    max_model_len: int = Field(2048, ge=64, description="Context length the engine reserves KV cache for.")
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0, description="vLLM memory fraction.")
-    kv_cache_space_gb: float = Field(2.0, gt=0, description="vLLM CPU build: KV cache size in GiB.")
-    enforce_eager: bool = Field(True, description="vLLM: skip graph capture (faster start, fine on CPU).")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weights dtype for vllm/transformers engines."
+    )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off by default.")
-    batch_size: int = Field(32, ge=1, description="transformers engine: prompts per generate() call.")
     max_restarts: int = Field(2, ge=0, description="Times a dead replica is restarted.")
+    max_attempts: int = Field(3, ge=1, description="Tries per request; one that still fails comes back as an "
+                              "error (never cached).")
+    start_timeout_s: float = Field(900.0, gt=0, description="Deadline for a replica to be placed and load its engine.")
+    request_timeout_s: float = Field(1800.0, gt=0, description="Deadline for one chunk of requests on a replica; "
+                                     "past it the replica is restarted.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Settings of the vllm engine.")
+    transformers: TransformersConfig = Field(
+        default_factory=TransformersConfig, description="Settings of the transformers engine."
+    )
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig, description="Settings of the openai engine.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [f"teacher.{k} moved to {_MOVED_TEACHER_KEYS[k]}" for k in data if k in _MOVED_TEACHER_KEYS]
+            if moved:
+                raise ValueError("; ".join(moved))
+        return data
+
+    @model_validator(mode="after")
+    def _engine_args(self) -> TeacherConfig:
+        _check_engine_args(self.vllm.engine_args, "teacher.vllm")
+        _check_engine_args(self.transformers.engine_args, "teacher.transformers")
+        return self
 
 
 class SynthesisConfig(_Strict):

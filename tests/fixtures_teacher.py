@@ -96,3 +96,74 @@ def tiny_teacher_dir(session_tmp) -> Path:
     if not (dest / "config.json").is_file():
         build_tiny_teacher(dest)
     return dest
+
+
+class OpenAITestServer:
+    """A real OpenAI-compatible HTTP server on 127.0.0.1, for the HTTP backend's tests.
+
+    `engine`: answer every chat completion with this real teacher engine (a request it rejects -> HTTP 400,
+    as vLLM's server does). `script`: statuses to answer first, one per call (429, 503, or "slow": answer after
+    1 s); once used up, answers come from `engine`, else a fixed "ok seed=<seed>" text. `calls` records every
+    request body, `auth` every Authorization header.
+    """
+
+    def __init__(self, script: list | None = None, engine=None):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.script = list(script or [])
+        self.engine = engine
+        self.calls: list[dict] = []
+        self.auth: list[str | None] = []
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer._lock:
+                    outer.calls.append(body)
+                    outer.auth.append(self.headers.get("Authorization"))
+                    step = outer.script.pop(0) if outer.script else 200
+                if step == "slow":
+                    threading.Event().wait(1.0)  # longer than the client's timeout in the tests
+                    step = 200
+                status, payload = (step, {"error": {"message": "try later"}}) if step != 200 else outer.answer(body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except BrokenPipeError:  # the client timed out ("slow") and hung up: expected
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, body: dict) -> tuple[int, dict]:
+        if self.engine is None:
+            text, usage = f"ok seed={body['seed']}", (5, 3)
+            finish = "stop"
+        else:
+            from s3ray.teacher.types import GenerationRequest, Sampling
+
+            req = GenerationRequest("http", tuple(body["messages"]), Sampling(
+                temperature=body["temperature"], top_p=body["top_p"], max_tokens=body["max_tokens"],
+                seed=body["seed"]))
+            with self._lock:  # one generate at a time: same batches -> same samples
+                (res,) = self.engine.generate([req])
+            if not res.ok:
+                return 400, {"error": {"message": res.error}}
+            text, usage, finish = res.text, (res.prompt_tokens, res.output_tokens), res.finish_reason
+        return 200, {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                     "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]}}
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from s3ray.pipeline.redact import redact_url
 from s3ray.pipeline.rundir import RunDir, RunDirError, atomic_write_bytes, fingerprint, write_parquet
+from s3ray.redact import redact_url
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = pa.table({"id": ["a", "b", "c"], "text": ["one two", "three four", "five six"]})

@@ -60,3 +60,11 @@ def test_ignore_eos_default_keeps_cache_keys_stable():
     # Sampling gained `ignore_eos` later; ordinary requests must hash as before (no such key in the payload).
     assert "ignore_eos" not in Sampling().to_dict()
     assert Sampling(ignore_eos=True).to_dict()["ignore_eos"] is True
+
+
+def test_one_call_under_several_ids_is_answered_for_each(tmp_path):
+    with GenerationCache(tmp_path / "c.sqlite") as cache:
+        cache.put_many([(_req("a", "p"), GenerationResult("a", text="x"))], "m")
+        hit = cache.get_many([_req("b", "p"), _req("c", "p")], "m")
+        assert len(cache) == 1
+    assert set(hit) == {"b", "c"} and hit["b"].text == hit["c"].text == "x"

@@ -22,13 +22,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from s3ray.pipeline.redact import redact
+from s3ray.redact import redact
 
 log = logging.getLogger("s3ray")
 
 # Config sections that may change between a run and its resume (they don't change results).
 _RESUMABLE_CHANGES = {"ray", "mining.concurrency", "mining.batch_size", "teacher.replicas", "teacher.max_in_flight",
-                      "teacher.openai", "run.output_dir"}
+                      "teacher.openai", "teacher.max_attempts", "teacher.start_timeout_s", "teacher.request_timeout_s",
+                      "teacher.max_restarts", "synthesis.max_failed_call_fraction", "run.output_dir", "run.seeds",
+                      "baselines"}
 DATA_FIELDS = ("validation", "test", "contexts")
 LOCK_NAME = "run.lock"
 # A cheap hash reads this much from each end of a file: enough to notice truncation and torn writes.

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from s3ray.config import ConfigError, S3Config, StudentConfig
 from s3ray.data.load import card_labels, load_rows, split_holdout
 from s3ray.mining import mine_errors
-from s3ray.models import resolve_student, resolve_teacher
+from s3ray.models import resolve_student
 from s3ray.pipeline import steps
 from s3ray.pipeline.report import write_report
 from s3ray.pipeline.rundir import RunDir
@@ -34,7 +34,7 @@ from s3ray.synthesis.collect import SynthesisStats, collect_examples, collect_ra
 from s3ray.synthesis.dedup import Deduplicator
 from s3ray.synthesis.plan import balanced_counts, cap_errors, plan_ees, plan_rationales, plan_seed
 from s3ray.tasks import make_task
-from s3ray.teacher.pool import TeacherPool
+from s3ray.teacher.teacher import make_teacher, teacher_model_path
 
 log = logging.getLogger("s3ray")
 R = TypeVar("R")
@@ -84,10 +84,7 @@ def prepare_inputs(cfg: S3Config, resolve_models: bool = True) -> RunInputs:
             contexts = load_rows(cfg.data.contexts, task, "contexts", cfg.task.field_map, None, seed)
     teacher_path = student_path = ""
     if resolve_models:
-        if cfg.teacher.engine != "openai":
-            teacher_path = resolve_teacher(cfg.teacher.model)
-        else:
-            teacher_path = cfg.teacher.model
+        teacher_path = teacher_model_path(cfg.teacher)
         student_path = resolve_student(cfg.student.model)
     return RunInputs(task, val, test, contexts, teacher_path, student_path)
 
@@ -281,16 +278,15 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
     run = RunDir(cfg.run.output_dir, cfg.model_dump(mode="json"), resume)
     set_cache_dirs(run.path / "cache")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    # Replicas start at the first request the generation cache can't answer.
-    teacher = TeacherPool(cfg.teacher, inputs.teacher_path, run_seed=cfg.run.seed,
-                          cache_path=run.path / "teacher_cache.sqlite", model_name=cfg.teacher.model,
-                          lazy_start=True)
+    # The backend starts at the first request the generation cache can't answer.
+    teacher = make_teacher(cfg.teacher, inputs.teacher_path, run_seed=cfg.run.seed,
+                           cache_path=run.path / "teacher_cache.sqlite", model_name=cfg.teacher.model)
     try:
         _run_steps(S3Steps(cfg, inputs, run, teacher), StepRecorder(run, stop_after))
     except StopRun as stop:
         log.info("stopped after %s as asked; continue with --resume", stop)
     finally:
-        teacher.shutdown()
+        teacher.close()
     report = write_report(run)
     run.close()  # on an error, the lock goes with the RunDir object (or the process)
     return report
@@ -317,7 +313,7 @@ def _run_steps(s3: S3Steps, step: StepRecorder) -> None:
     extra = None
     if cfg.baselines.equal_budget:  # its extra seed rows need the teacher: generate them before release
         extra = step(steps.EQUAL_BUDGET_SYNTHESIS, s3.synthesize_extra_seed, rationales, len(final_rows))
-    s3.teacher.shutdown()  # frees its CPUs/GPUs for the students
+    s3.teacher.release()  # frees its CPUs/GPUs for the students (it comes back if a later step needs it)
     step(steps.train(rounds), s3.train, final_rows, inputs.validation, f"round{rounds}")
 
     if extra is not None:

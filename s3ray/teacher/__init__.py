@@ -1,18 +1,8 @@
-"""The teacher side: engines (vLLM, transformers, OpenAI HTTP), the Ray replica pool, its cache, serving."""
+"""The teacher side: `make_teacher` -> `Teacher` (cache, order, retries, stats) over a backend (local engine,
+Ray replicas, HTTP endpoint); engines in `engines/`; `s3ray serve` in serve.py."""
 
-from s3ray.teacher.types import GenerationRequest, GenerationResult, Sampling, derive_seed
+from s3ray.teacher.teacher import Teacher, TeacherStats, make_teacher, teacher_model_path
+from s3ray.teacher.types import GenerationRequest, GenerationResult, Sampling, TeacherError, derive_seed
 
-__all__ = ["GenerationRequest", "GenerationResult", "Sampling", "TeacherPool", "derive_seed", "make_engine"]
-
-
-def __getattr__(name: str):
-    # Lazy: importing s3ray.teacher must not import Ray or vLLM.
-    if name == "TeacherPool":
-        from s3ray.teacher.pool import TeacherPool
-
-        return TeacherPool
-    if name == "make_engine":
-        from s3ray.teacher.engines import make_engine
-
-        return make_engine
-    raise AttributeError(name)
+__all__ = ["GenerationRequest", "GenerationResult", "Sampling", "Teacher", "TeacherError", "TeacherStats",
+           "derive_seed", "make_teacher", "teacher_model_path"]

@@ -44,7 +44,9 @@ class GenerationCache:
 
     def get_many(self, requests: Sequence[GenerationRequest], model: str) -> dict[str, GenerationResult]:
         """Cached results by request_id, for the requests that have one (marked `cached=True`)."""
-        keys = {req.cache_key(model): req.request_id for req in requests}
+        keys: dict[str, list[str]] = {}  # one call asked under several ids gets the answer for each
+        for req in requests:
+            keys.setdefault(req.cache_key(model), []).append(req.request_id)
         found: dict[str, GenerationResult] = {}
         key_list = list(keys)
         with self._lock:
@@ -56,9 +58,9 @@ class GenerationCache:
                     part,
                 ).fetchall()
                 for key, text, finish, ptok, otok in rows:
-                    rid = keys[key]
-                    found[rid] = GenerationResult(rid, text=text, finish_reason=finish, prompt_tokens=ptok,
-                                                  output_tokens=otok, cached=True)
+                    for rid in keys[key]:
+                        found[rid] = GenerationResult(rid, text=text, finish_reason=finish, prompt_tokens=ptok,
+                                                      output_tokens=otok, cached=True)
         return found
 
     def put_many(self, pairs: Iterable[tuple[GenerationRequest, GenerationResult]], model: str) -> int:

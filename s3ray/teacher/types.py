@@ -54,6 +54,8 @@ class GenerationResult:
     error: str | None = None  # set when the call failed; failed results are never cached
     cached: bool = False
     replica: int | None = None
+    # False when trying again cannot help (a prompt too long, a rejected parameter, a poison request).
+    retryable: bool = True
 
     @property
     def ok(self) -> bool:
@@ -64,3 +66,7 @@ def derive_seed(*parts: object) -> int:
     """A 31-bit seed from any parts (run seed, replica, request id); stable across processes."""
     h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+class TeacherError(RuntimeError):
+    """The teacher cannot finish: replicas out of restarts, none could start, or a deadline passed."""

@@ -1,0 +1,63 @@
+"""What every teacher engine shares: the interface, request seeds, prompt rendering, sampling checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from s3ray.teacher.types import GenerationRequest, GenerationResult, Sampling, derive_seed
+
+
+class Engine:
+    """One teacher back end: results in request order; a bad request comes back with `.error`, never raises."""
+
+    name: str = "engine"
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the engine's memory/processes. Idempotent."""
+
+
+def request_seed(req: GenerationRequest, engine_seed: int) -> int:
+    """The request's own seed, else one derived from (engine seed, request id).
+
+    Every replica has its own engine seed, so two replicas never repeat each other's samples (vLLM #11953:
+    with a shared engine seed and no per-request seed, identical replicas return identical "random" samples).
+    """
+    if req.sampling.seed is not None:
+        return int(req.sampling.seed)
+    return derive_seed(engine_seed, req.request_id)
+
+
+def error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+def failed(req: GenerationRequest, e: BaseException | str, retryable: bool = True) -> GenerationResult:
+    return GenerationResult(req.request_id, error=e if isinstance(e, str) else error_text(e), retryable=retryable)
+
+
+def check_sampling(s: Sampling) -> None:
+    """The ranges every engine accepts (vLLM's own checks), so all engines reject the same requests."""
+    if s.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
+    if s.max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {s.max_tokens}")
+
+
+def render_prompt(tokenizer, req: GenerationRequest) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the teacher's tokenizer has no chat template; use an instruction-tuned model "
+            "(teacher.model) whose tokenizer_config.json defines chat_template"
+        )
+    return tokenizer.apply_chat_template(list(req.messages), tokenize=False, add_generation_prompt=True)
+
+
+def render_prompt_ids(tokenizer, req: GenerationRequest) -> list[int]:
+    """Chat template -> text -> ids, without adding special tokens twice (the template has them)."""
+    text = render_prompt(tokenizer, req)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
