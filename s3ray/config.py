@@ -155,6 +155,11 @@ class StudentConfig(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Linear warm-up fraction of the steps.")
     max_length: int = Field(128, ge=8, description="Tokens per input (truncated).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    cpus_per_worker: int | None = Field(
+        None, ge=1, description="CPUs (torch threads) per training worker. None: sized from the node a worker "
+        "runs on (the largest node for one worker, the smallest split among the workers otherwise), never "
+        "more than the free CPUs."
+    )
     use_gpu: bool = Field(False, description="Train on GPUs (one per worker).")
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Data-parallel strategy in Ray Train.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage when strategy=deepspeed.")

@@ -22,7 +22,7 @@ from s3ray.pipeline.rundir import RunDir
 from s3ray.synthesis.collect import SynthesisStats, collect_examples, collect_rationales, rows_to_table
 from s3ray.synthesis.dedup import Deduplicator
 from s3ray.synthesis.plan import cap_errors, plan_ees, plan_rationales, plan_seed
-from s3ray.tasks import make_task
+from s3ray.tasks import make_task, task_class
 
 log = logging.getLogger("s3ray")
 
@@ -49,7 +49,7 @@ def prepare_inputs(cfg: S3Config, resolve_models: bool = True) -> RunInputs:
         if path and not Path(path).expanduser().exists():
             raise DataError(f"data.{name}: {path} does not exist (paths are relative to where s3ray runs)")
     labels = cfg.task.labels
-    if cfg.task.type != "extractive_qa" and not labels:
+    if task_class(cfg.task.type).needs_labels and not labels:
         labels = card_labels(cfg.data.validation)
         if not labels:
             raise ConfigError(
@@ -156,7 +156,7 @@ class S3Steps:
         out = {"checkpoint": res.checkpoint, "best_epoch": res.best_epoch, "val": res.val_metrics,
                "history": res.history, "n_train": res.n_train, "train_seconds": res.train_seconds}
         if self.inputs.test:
-            out["test"] = evaluate_student(res.checkpoint, self.inputs.test, self.task, self.cfg.student)
+            out["test"] = evaluate_student(res.checkpoint, self.inputs.test, self.task, self.cfg.student).metrics
         return out
 
     # Step 4
@@ -170,9 +170,9 @@ class S3Steps:
 
     # Step 5
     def extrapolate_errors(self, mined: dict, rows_so_far: list[dict], round_: int) -> dict:
-        import pyarrow.parquet as pq
+        from s3ray.mining import read_errors
 
-        errors = pq.read_table(mined["errors_path"]).to_pylist()
+        errors = read_errors(mined["errors_path"])  # one row per id
         errors = cap_errors(errors, self.syn.max_ees_per_round, self.seed, round_)
         planned = plan_ees(self.task, errors, self.syn.ees_per_error, round_, self.cfg.teacher.sampling, self.seed)
         return self._synthesize(planned, rows_so_far, f"rounds/round_{round_}.parquet",
