@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fixtures_student import save_student_checkpoint
 
 from s3ray.config import StudentConfig
-from fixtures_student import save_student_checkpoint
 from s3ray.student import META_FILE, StudentPredictor, read_meta, train_student
 from s3ray.student.features import qa_train_features
 from s3ray.student.train import worker_cpus
