@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from s3ray.mining.read import read_dataset
+from s3ray.runtime import alive_nodes, cap_to_local_cores
 from s3ray.tasks.base import Task, merge_stats
 
 log = logging.getLogger("s3ray.mining")
@@ -167,8 +168,6 @@ def inference_pool(use_gpu: bool, concurrency: int | str) -> dict:
     import ray  # see _prediction_sink
     from ray.data import ActorPoolStrategy
 
-    from s3ray.runtime import alive_nodes, cap_to_local_cores
-
     if use_gpu:
         gpus = max(1, int(ray.cluster_resources().get("GPU", 1)))
         pool = ActorPoolStrategy(min_size=1, max_size=gpus) if concurrency == "auto" else ActorPoolStrategy(
@@ -198,6 +197,19 @@ def _ensure_schema_file(folder: Path, schema: pa.Schema) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if not list(folder.glob("*.parquet")):
         pq.write_table(schema.empty_table(), folder / "empty.parquet")
+
+
+def _add_hard_examples(pred_dir: Path, err_dir: Path, cut: tuple, expected: int, schema) -> int:
+    """Second pass, only for hard examples: the correct rows under the global (margin, id) cut, written
+    beside the errors. Returns how many were written."""
+    hard = read_dataset(pred_dir).map_batches(
+        _below_cut, fn_kwargs={"margin": cut[0], "key": cut[1]}, batch_format="pyarrow"
+    )
+    hard.write_parquet(str(err_dir))  # Ray names files by write task: a retried task rewrites its own file
+    if schema is not None and "id" not in schema.names:
+        # Without ids, rows tied at the cut's margin are all kept: count what was written.
+        return read_dataset(err_dir).filter(expr="kind == 'hard'").count()
+    return expected
 
 
 def mine_errors(
@@ -253,17 +265,7 @@ def mine_errors(
     n_rows, n_correct, metrics, cut = merge_summaries(sink.summaries, task, k)
     t_pred = time.perf_counter() - t0
 
-    n_hard = 0
-    if cut is not None:
-        # Second pass, only for hard examples: the correct rows under the global (margin, id) cut.
-        hard = read_dataset(pred_dir).map_batches(
-            _below_cut, fn_kwargs={"margin": cut[0], "key": cut[1]}, batch_format="pyarrow"
-        )
-        hard.write_parquet(str(err_dir))
-        n_hard = min(k, n_correct)
-        if sink.schema is not None and "id" not in sink.schema.names:
-            # Without ids, rows tied at the cut's margin are all kept: count what was written.
-            n_hard = read_dataset(err_dir).filter(expr="kind == 'hard'").count()
+    n_hard = 0 if cut is None else _add_hard_examples(pred_dir, err_dir, cut, min(k, n_correct), sink.schema)
     if sink.schema is not None:
         _ensure_schema_file(err_dir, sink.schema.append(pa.field("kind", pa.string())))
 

@@ -25,8 +25,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from s3ray.config import StudentConfig
+from s3ray.runtime import alive_nodes, init_ray, local_cores
+from s3ray.student.embedding_head import fit_embedding_head
 from s3ray.student.predict import StudentPredictor
+from s3ray.student.worker import train_loop
 from s3ray.tasks.base import Task
 
 log = logging.getLogger("s3ray.student")
@@ -83,9 +88,7 @@ def worker_cpus(
 
 
 def _cluster_worker_cpus(cfg: StudentConfig, num_workers: int) -> int:
-    import ray
-
-    from s3ray.runtime import alive_nodes, local_cores
+    import ray  # lazily, see the module docstring
 
     nodes = alive_nodes()
     free = ray.available_resources().get("CPU", 0.0)
@@ -112,9 +115,7 @@ def _check_cfg(cfg: StudentConfig, task: Task) -> None:
 
 
 def _start_ray(cfg: StudentConfig) -> None:
-    import ray
-
-    from s3ray.runtime import init_ray
+    import ray  # lazily, see the module docstring
 
     if not ray.is_initialized():
         init_ray()
@@ -157,10 +158,8 @@ def train_student(
 
 def _fit(train_config: dict, cfg: StudentConfig, threads: int, out_dir: Path, desc: str):
     """Run Ray Train's TorchTrainer over worker.train_loop; its Result, or a clear error."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig  # lazily, see the module docstring
     from ray.train.torch import TorchTrainer
-
-    from s3ray.student.worker import train_loop
 
     # Ray Train V2 polls its workers every 2 s and starts a preemption-watcher actor per run; a student run
     # is short and restarts cheaply, so poll faster and skip the watcher (unless the user set these).
@@ -187,8 +186,7 @@ def _fit(train_config: dict, cfg: StudentConfig, threads: int, out_dir: Path, de
 
 
 def _train_ray(train_rows, val_rows, task: Task, cfg: StudentConfig, model_path, out_dir: Path, seed, desc):
-    import ray
-    from transformers import AutoTokenizer
+    import ray  # lazily, see the module docstring
 
     t_start, t_start_unix = time.perf_counter(), time.time()
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
@@ -234,9 +232,7 @@ def _train_ray(train_rows, val_rows, task: Task, cfg: StudentConfig, model_path,
 
 
 def _train_embedding_head(train_rows, val_rows, task, cfg, model_path, out_dir: Path, seed, desc) -> TrainResult:
-    import ray
-
-    from s3ray.student.embedding_head import fit_embedding_head
+    import ray  # lazily, see the module docstring
 
     t0 = time.perf_counter()
     threads = _cluster_worker_cpus(cfg, 1)

@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from s3ray.student.checkpoint import write_meta  # standard library only
+
 
 def _gather(obj, world: int) -> list:
     import torch.distributed as dist
@@ -39,8 +41,6 @@ def _sharded_predictions(head, model, tokenizer, rows, cfg, device, rank: int, w
 
 def _save_best(strategy, tokenizer, dest: Path, config: dict, task, cfg, epoch: int, val: dict, rank: int):
     """The best epoch's HF folder (fp32 safetensors + tokenizer + s3ray meta), written by rank 0."""
-    from s3ray.student.checkpoint import write_meta
-
     state = strategy.state_for_save()  # ZeRO-3: a collective, so every rank calls it
     if rank != 0:
         return
