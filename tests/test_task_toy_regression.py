@@ -10,11 +10,11 @@ import math
 import sys
 from dataclasses import dataclass
 
-import cloudpickle
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+import ray.cloudpickle
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -27,8 +27,9 @@ from s3ray.tasks.base import Task, missing_text_field
 
 TOLERANCE = 0.5
 
-# Ray's workers cannot import modules from tests/: ship this family's classes to them by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
+# Ray's workers cannot import modules from tests/: ship this family's classes to them by value (a family in
+# an installed package travels by reference, like the built-in ones).
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @dataclass
