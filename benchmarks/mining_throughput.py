@@ -40,11 +40,12 @@ def make_checkpoint(model_spec: str, dest: Path, max_length: int) -> Path:
 
     from s3ray.models import resolve_student
     from s3ray.student.checkpoint import write_meta
-    from s3ray.student.model import build_finetune_model
+    from s3ray.tasks.classification import ClassificationTask
 
     src = resolve_student(model_spec)
     torch.manual_seed(0)
-    build_finetune_model(src, "classification", LABELS).save_pretrained(dest, safe_serialization=True)
+    model = ClassificationTask(labels=LABELS).student_head().build(src)
+    model.save_pretrained(dest, safe_serialization=True)
     AutoTokenizer.from_pretrained(src).save_pretrained(dest)
     write_meta(dest, kind="finetune", task_type="classification", labels=LABELS, max_length=max_length,
                base_model=model_spec)
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{p['startup_s']:.1f}s, in loop {p['in_loop_rows_per_s']:.1f} rows/s)", flush=True)
         return p
 
-    from s3ray.mining.errors import inference_pool
+    from s3ray.mining.mine import inference_pool
 
     # The plain loop runs before and after the Ray runs and the ratios use the mean of the two, so a slow
     # spell on a shared machine shows up as a gap between them rather than as a skewed ratio.

@@ -1,6 +1,6 @@
 """Student training throughput: Ray Train with 1 and 2 workers vs a plain PyTorch loop.
 
-Same rows, model, tokenisation, optimiser and epoch loop (s3ray.student.train.run_epoch) in all three; the
+Same rows, model, tokenisation, optimiser and epoch loop (s3ray.student.epochs.run_epoch) in all three; the
 plain loop runs in this process without Ray. Throughput is measured inside the training loops (samples/s);
 Ray Train's start-up, worker set-up, validation and shut-down are reported separately, with the end-to-end
 wall time of each train_student call.
@@ -37,6 +37,39 @@ def _rows(n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
     return rows[:n_train], rows[n_train : n_train + n_val]
 
 
+def train_plain(train_rows: list[dict], task, cfg, model_path: str, seed: int, threads: int | None = None) -> dict:
+    """The same data, model, optimiser and epoch loop as a Ray Train worker, in this process and without
+    Ray: the baseline Ray Train is compared against. No validation."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from s3ray.student.epochs import run_epoch
+    from s3ray.student.features import make_loader
+    from s3ray.student.optim import make_optimizer, make_step
+
+    if threads:
+        torch.set_num_threads(threads)
+    head = task.student_head()
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    features = head.features(tokenizer, task.check_student_rows(train_rows, "training rows"), cfg.max_length)
+    torch.manual_seed(seed)
+    model = head.build(model_path, cfg.trust_remote_code)
+    loader, sampler = make_loader(features, tokenizer, cfg.batch_size, seed)
+    opt, sched_fn = make_optimizer(model, cfg, len(loader) * cfg.epochs)
+    step = make_step(model.parameters(), opt, sched_fn(opt))
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    model.to(device)
+    losses, seconds = [], 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss, _ = run_epoch(model, loader, step, device, cfg, progress=True, desc=f"plain epoch {epoch}")
+        seconds += time.perf_counter() - t0
+        losses.append(loss)
+    return {"train_seconds": seconds, "n_features": len(features), "losses": losses,
+            "samples_per_second": len(features) * cfg.epochs / seconds}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -60,7 +93,6 @@ def main(argv: list[str] | None = None) -> dict:
     from s3ray.config import StudentConfig
     from s3ray.models import resolve_student
     from s3ray.student import train_student
-    from s3ray.student.train import train_plain
     from s3ray.tasks.classification import ClassificationTask
 
     model_path = resolve_student(args.model)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -48,33 +47,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set synthesis.rounds=1 (repeatable)")
 
 
-def step_names(cfg) -> list[str]:
-    """Every step a run of `cfg` records in its manifest, in order (what --stop-after accepts)."""
-    names = ["rationales"] if cfg.uses_rationales and cfg.task.type != "extractive_qa" else []
-    names.append("round0/synthesis")
-    for r in range(cfg.synthesis.rounds):
-        names += [f"round{r}/train", f"round{r}/mine", f"round{r + 1}/synthesis"]
-    if cfg.baselines.equal_budget:
-        names.append("baseline/equal_budget/synthesis")
-    names.append(f"round{cfg.synthesis.rounds}/train")
-    if cfg.baselines.equal_budget:
-        names.append("baseline/equal_budget/train")
-    if cfg.baselines.real_validation:
-        names.append("baseline/real_validation/train")
-    return names
-
-
 def _check_stop_after(step: str | None, cfg) -> None:
     from s3ray.config import ConfigError
+    from s3ray.pipeline.steps import check_step_name
 
-    if step is None:
-        return
-    names = step_names(cfg)
-    if step not in names:
-        shape = re.fullmatch(r"rationales|round\d+/(synthesis|train|mine)|baseline/(equal_budget|real_validation)/"
-                             r"(synthesis|train)", step)
-        why = "is not a step of this config's run" if shape else "is not a step name"
-        raise ConfigError(f"--stop-after {step!r} {why}; steps are: {', '.join(names)}")
+    if step is not None:
+        try:
+            check_step_name(step, cfg)
+        except ValueError as e:
+            raise ConfigError(f"--stop-after {e}") from None
 
 
 def _cmd_run(args) -> int:

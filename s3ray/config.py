@@ -26,6 +26,12 @@ from pydantic import (
 from s3ray.redact import redact_url
 
 
+def _task_class(name: str):
+    from s3ray.tasks import task_class  # lazy: tasks -> teacher -> config would be an import cycle
+
+    return task_class(name)
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
 
@@ -268,6 +274,11 @@ class StudentConfig(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Linear warm-up fraction of the steps.")
     max_length: int = Field(128, ge=8, description="Tokens per input (truncated).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    cpus_per_worker: int | None = Field(
+        None, ge=1, description="CPUs (torch threads) per training worker. None: sized from the node a worker "
+        "runs on (the largest node for one worker, the smallest split among the workers otherwise), never "
+        "more than the free CPUs."
+    )
     use_gpu: bool = Field(False, description="Train on GPUs (one per worker).")
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Data-parallel strategy in Ray Train.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage when strategy=deepspeed.")
@@ -323,8 +334,8 @@ class S3Config(_Strict):
     def _cross_checks(self) -> S3Config:
         if self.synthesis.min_chars >= self.synthesis.max_chars:
             raise ValueError("synthesis.min_chars must be smaller than synthesis.max_chars")
-        if self.task.type == "extractive_qa" and self.task.labels:
-            raise ValueError("task.labels must be empty for extractive_qa (answers are spans, not labels)")
+        if self.task.labels and not _task_class(self.task.type).needs_labels:
+            raise ValueError(f"task.labels must be empty for {self.task.type} (it predicts no label)")
         if self.synthesis.rationales_per_example > self.synthesis.num_rationales:
             raise ValueError(
                 "synthesis.rationales_per_example (k) must be <= synthesis.num_rationales (K)"
@@ -335,7 +346,7 @@ class S3Config(_Strict):
     def uses_rationales(self) -> bool:
         if self.synthesis.use_rationales is not None:
             return self.synthesis.use_rationales
-        return self.task.type == "classification"
+        return _task_class(self.task.type).rationales_by_default
 
 
 def _did_you_mean(loc: tuple) -> str:

@@ -105,3 +105,29 @@ def sst2_rows() -> list[dict]:
 def adqa_rows() -> list[dict]:
     """60 real AdversarialQA rows copied into tests/data (see tests/data/README.md)."""
     return read_jsonl(_ADQA_SAMPLE)
+
+
+def save_student_checkpoint(encoder_dir, dest, task, max_length: int, head_scale: float | None = None) -> str:
+    """A student checkpoint in s3ray's format (HF folder + s3ray_student.json) for `task`, saved directly
+    from the task's own student head rather than trained. `head_scale`: re-draw the fresh head's weights
+    with that standard deviation, so predictions vary with the input."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from s3ray.student.checkpoint import write_meta
+
+    dest = Path(dest)
+    if (dest / "s3ray_student.json").is_file():
+        return str(dest)
+    torch.manual_seed(0)
+    model = task.student_head().build(str(encoder_dir))
+    if head_scale is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith(("classifier", "qa_outputs", "bert.pooler")):
+                    p.normal_(0.0, head_scale)
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(encoder_dir)).save_pretrained(dest)
+    write_meta(dest, kind="finetune", task_type=task.type, labels=task.labels, max_length=max_length,
+               base_model=str(encoder_dir))
+    return str(dest)

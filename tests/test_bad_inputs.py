@@ -121,7 +121,7 @@ CASES = [
                                "run/manifest.json": '{"config": {}, "steps": {}}'}, RUN,
      "already holds a run; add --resume to continue it"),
     ("stop-after-not-a-step", {"c.yaml": _cfg(), "val.jsonl": GOOD_ROWS}, [*RUN, "--stop-after", "round0/trian"],
-     "--stop-after 'round0/trian' is not a step name; steps are: rationales, round0/synthesis, round0/train"),
+     "--stop-after 'round0/trian' is not a step of this config's run; steps are: rationales, round0/synthesis"),
     ("stop-after-beyond-the-rounds", {"c.yaml": _cfg(extra="synthesis: {rounds: 1}\n"), "val.jsonl": GOOD_ROWS},
      [*RUN, "--stop-after", "round3/mine"], "--stop-after 'round3/mine' is not a step of this config's run"),
     ("stop-after-disabled-baseline",

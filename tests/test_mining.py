@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures_student import save_student_checkpoint
 
 from s3ray.config import MiningConfig, StudentConfig, TaskConfig
-from s3ray.mining import macro_f1_from_counts, mine_errors, read_rows
+from s3ray.mining import mine_errors, read_dataset, read_errors
+from s3ray.mining.mine import _prediction_sink
 from s3ray.tasks import make_task
-from s3ray.tasks.base import accuracy_and_macro_f1
+from s3ray.tasks.base import accuracy_and_macro_f1, macro_f1_from_counts
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["entailment", "not_entailment"]
@@ -43,30 +45,10 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def save_tiny_checkpoint(encoder_dir: Path, dest: Path, task_type: str, labels: list[str] | None) -> Path:
-    """A student checkpoint in s3ray's format (HF folder + s3ray_student.json), saved directly rather than
-    trained. The classifier head gets large random weights so predictions vary with the input."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from s3ray.student.checkpoint import write_meta
-    from s3ray.student.model import build_finetune_model
-
-    if (dest / "s3ray_student.json").is_file():
-        return dest
-    torch.manual_seed(0)
-    model = build_finetune_model(str(encoder_dir), task_type, labels)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith(("classifier", "qa_outputs", "bert.pooler")):
-                p.normal_(0.0, 2.0)
-    model.save_pretrained(dest, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(encoder_dir)).save_pretrained(dest)
-    # QA needs room for the question plus a context window (the window stride is max_length // 4).
-    max_length = 256 if task_type == "extractive_qa" else 64
-    write_meta(dest, kind="finetune", task_type=task_type, labels=labels, max_length=max_length,
-               base_model=str(encoder_dir))
-    return dest
+def save_tiny_checkpoint(encoder_dir: Path, dest: Path, task, max_length: int = 64) -> Path:
+    """A student checkpoint saved directly rather than trained, its head re-drawn with large random weights
+    so predictions vary with the input."""
+    return Path(save_student_checkpoint(encoder_dir, dest, task, max_length, head_scale=2.0))
 
 
 def make_pair_rows() -> list[dict]:
@@ -104,7 +86,8 @@ def pair_parquet(pair_rows, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pair_ckpt(tiny_student_dir, tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tiny_student_dir, tmp_path_factory.mktemp("ckpt") / "pair", "pair", LABELS)
+    task = make_task(TaskConfig(type="pair", description="premise"), LABELS)
+    return save_tiny_checkpoint(tiny_student_dir, tmp_path_factory.mktemp("ckpt") / "pair", task)
 
 
 @pytest.fixture(scope="module")
@@ -178,18 +161,18 @@ def test_macro_f1_from_counts_matches_row_metric():
     assert macro_f1_from_counts(counts, labels) == pytest.approx(accuracy_and_macro_f1(preds, golds, labels))
 
 
-def test_read_rows_names_the_problem(tmp_path):
+def test_read_dataset_names_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.validation"):
-        read_rows(tmp_path / "missing.parquet")
+        read_dataset(tmp_path / "missing.parquet")
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(ValueError, match="expected Parquet, JSONL"):
-        read_rows(tmp_path)
+        read_dataset(tmp_path)
 
 
 # --- with Ray ------------------------------------------------------------------------------------------
 
 def test_auto_pool_on_cpus_is_single_threaded_actors_on_every_core(ray_local, monkeypatch):
-    from s3ray.mining.errors import inference_pool
+    from s3ray.mining.mine import inference_pool
     from s3ray.runtime import local_cores
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -230,16 +213,16 @@ def test_few_parquet_files_are_read_without_a_footer_actor_pool(ray_local, tmp_p
     for i in range(3):
         pd.DataFrame({"id": [f"{i}-{j}" for j in range(10)], "text": ["x"] * 10}).to_parquet(folder / f"{i}.parquet")
     before = ctx.use_datasource_v2
-    small = read_rows(folder)
+    small = read_dataset(folder)
     assert ctx.use_datasource_v2 == before
     stats = _operators(small)
     assert small.count() == 30
     assert "ListFiles" not in stats and "ReadParquet" in stats, stats
 
-    import s3ray.mining.errors as mining_errors
+    import s3ray.mining.read as mining_read
 
-    monkeypatch.setattr(mining_errors, "FOOTER_ACTOR_MIN_FILES", 3)
-    many = read_rows(folder)
+    monkeypatch.setattr(mining_read, "FOOTER_ACTOR_MIN_FILES", 3)
+    many = read_dataset(folder)
     assert many.count() == 30
     assert ("ListFiles" in _operators(many)) == before
 
@@ -337,25 +320,79 @@ def test_the_driver_never_holds_the_set(pair_mining, pair_parquet, pair_ckpt, tm
 @pytest.mark.slow
 def test_qa_mining_from_jsonl(ray_local, adqa_rows, tiny_student_dir, tmp_path):
     """Extractive QA: JSONL.gz input, errors = rows without exact match, EM/F1 from aggregations."""
+    from s3ray.student.predict import StudentPredictor
     from s3ray.tasks.qa import exact_match, token_f1
 
+    task = make_task(TaskConfig(type="extractive_qa"), None)
+    # QA needs room for the question plus a context window (the window stride is max_length // 4).
+    ckpt = save_tiny_checkpoint(tiny_student_dir, tmp_path / "qa_ckpt", task, max_length=256)
+    # A third of the rows get the student's own span as gold, so the set holds right and wrong answers.
+    own = StudentPredictor(str(ckpt), batch_size=16).predict_rows(adqa_rows)[0]
+    rows = [dict(r, answer=p, answer_start=r["context"].index(p)) if i % 3 == 0 else r
+            for i, (r, p) in enumerate(zip(adqa_rows, own))]
     path = tmp_path / "val.jsonl.gz"
     with gzip.open(path, "wt") as f:
-        for r in adqa_rows:
+        for r in rows:
             f.write(json.dumps(r) + "\n")
-    ckpt = save_tiny_checkpoint(tiny_student_dir, tmp_path / "qa_ckpt", "extractive_qa", None)
-    task = make_task(TaskConfig(type="extractive_qa"), None)
     result = mine_errors(str(ckpt), str(path), task, StudentConfig(), MiningConfig(batch_size=16, hard_examples=3),
                          tmp_path / "out")
     preds = pd.read_parquet(result.predictions_path)
-    assert result.n_rows == len(preds) == len(adqa_rows)
-    # Predicted answers are spans of their contexts.
-    assert all(p in c for p, c in zip(preds["prediction"], preds["context"]))
+    assert result.n_rows == len(preds) == len(rows)
+    # Predicted answers are non-empty spans of their contexts.
+    assert all(p.strip() and p in c for p, c in zip(preds["prediction"], preds["context"]))
     em = [exact_match(p, g) for p, g in zip(preds["prediction"], preds["answer"])]
     f1 = [token_f1(p, g) for p, g in zip(preds["prediction"], preds["answer"])]
+    assert 0 < sum(em) < len(rows)
     assert result.metrics["exact_match"] == pytest.approx(np.mean(em))
     assert result.metrics["f1"] == pytest.approx(np.mean(f1), abs=1e-6)
     errors = pd.read_parquet(result.errors_path)
     wrong = {i for i, e in zip(preds["id"], em) if not e}
     assert set(errors.loc[errors["kind"] == "error", "id"]) == wrong
-    assert result.n_hard == min(3, len(adqa_rows) - len(wrong))
+    assert result.n_hard == min(3, len(rows) - len(wrong))
+
+
+# --- idempotent writes ---------------------------------------------------------------------------------
+
+def test_a_retried_write_task_replaces_its_part(tmp_path):
+    """Ray retries write tasks: the same task index writes the same part name, atomically (no temp left)."""
+    import pyarrow as pa
+
+    task = make_task(TaskConfig(type="classification"), ["negative", "positive"])
+    sink = _prediction_sink(tmp_path / "pred", tmp_path / "err", task, k=0)
+    sink.on_write_start()
+    block = pa.table({"id": ["a", "b", "c"], "label": ["positive"] * 3,
+                      "prediction": ["positive", "negative", "negative"], "margin": [0.1, 0.2, 0.3],
+                      "correct": [True, False, False]})
+    ctx = type("Ctx", (), {"task_idx": 7})()
+    for _ in range(2):  # the first attempt and its retry
+        summary = sink.write([block], ctx)
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["part-000007.parquet"]
+    assert sorted(p.name for p in (tmp_path / "err").iterdir()) == ["part-000007.parquet"]
+    assert [r["id"] for r in read_errors(tmp_path / "err")] == ["b", "c"]
+    assert summary["n"] == 3 and summary["n_correct"] == 1
+    assert task.metrics_from_stats(summary["stats"]) == task.metrics(["positive", "negative", "negative"],
+                                                                     ["positive"] * 3)
+
+
+def test_read_errors_keeps_one_row_per_id(tmp_path):
+    """Even if two parts hold the same error (an older writer, a copied file), EES sees it once."""
+    rows = [{"id": "x", "text": "t", "kind": "error"}, {"id": "y", "text": "u", "kind": "error"}]
+    for name in ("part-000001.parquet", "part-000002.parquet"):
+        pd.DataFrame(rows).to_parquet(tmp_path / name, index=False)
+    got = read_errors(tmp_path)
+    assert [r["id"] for r in got] == ["x", "y"]
+
+
+@pytest.mark.slow
+def test_mining_twice_into_one_folder_gives_the_same_unique_errors(pair_mining, pair_parquet, pair_ckpt):
+    task, result = pair_mining
+    first = read_errors(result.errors_path)
+    ids = list(pd.read_parquet(result.errors_path)["id"])
+    assert len(ids) == len(set(ids)) == result.n_errors + result.n_hard
+    again = mine_errors(str(pair_ckpt), str(pair_parquet), task, StudentConfig(),
+                        MiningConfig(batch_size=64, concurrency=2, hard_examples=HARD),
+                        Path(result.errors_path).parent)
+    second = read_errors(again.errors_path)
+    assert pd.read_parquet(again.errors_path)["id"].is_unique
+    assert [(r["id"], r["kind"]) for r in second] == [(r["id"], r["kind"]) for r in first]
+    assert again.n_errors == result.n_errors and again.metrics == result.metrics

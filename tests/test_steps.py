@@ -5,23 +5,37 @@ import json
 
 import pytest
 
+from s3ray.config import config_from_dict
 from s3ray.pipeline import steps
 from s3ray.pipeline.rundir import RunDir
 from s3ray.pipeline.s3 import StepFailed, StepRecorder, StopRun
+
+
+def _cfg(rounds: int, equal_budget: bool = True):
+    return config_from_dict({"data": {"validation": "v.jsonl"}, "synthesis": {"rounds": rounds},
+                             "baselines": {"equal_budget": equal_budget}})
 
 
 @pytest.mark.parametrize("name", ["rationales", "round0/synthesis", "round0/train", "round0/mine",
                                   "round2/synthesis", "round2/train", "baseline/equal_budget/synthesis",
                                   "baseline/equal_budget/train", "baseline/real_validation/train"])
 def test_every_step_of_a_two_round_run_is_a_valid_stop_point(name):
-    assert steps.check_step_name(name, rounds=2) == name
+    assert steps.check_step_name(name, _cfg(rounds=2)) == name
 
 
 @pytest.mark.parametrize("name", ["round2/mine", "round3/synthesis", "round3/train", "round0/minee", "train",
                                   "baseline/equal_budget", ""])
 def test_steps_a_run_never_records_are_refused_with_the_choices(name):
-    with pytest.raises(ValueError, match="steps are rationales"):
-        steps.check_step_name(name, rounds=2)
+    with pytest.raises(ValueError, match="steps are: rationales, round0/synthesis"):
+        steps.check_step_name(name, _cfg(rounds=2))
+
+
+def test_the_run_order_follows_the_config():
+    names = [s.name for s in steps.run_order(_cfg(rounds=1, equal_budget=False))]
+    assert names == ["rationales", "round0/synthesis", "round0/train", "round0/mine", "round1/synthesis",
+                     "round1/train", "baseline/real_validation/train", "baseline/s3_plus_real/train"]
+    qa = config_from_dict({"task": {"type": "extractive_qa"}, "data": {"validation": "v.jsonl"}})
+    assert steps.run_order(qa)[0].name == "round0/synthesis"  # no labels, no rationales
 
 
 def test_a_recorded_result_comes_back_typed_and_older_keys_are_ignored():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fixtures_student import save_student_checkpoint
 
 from s3ray.config import StudentConfig
 from s3ray.student import META_FILE, StudentPredictor, read_meta, train_student
-from s3ray.student.checkpoint import write_meta
-from s3ray.student.features import check_qa_rows, qa_train_features
-from s3ray.student.model import build_finetune_model
+from s3ray.student.features import qa_train_features
+from s3ray.student.train import worker_cpus
 from s3ray.tasks.classification import ClassificationTask
 from s3ray.tasks.qa import ExtractiveQATask, exact_match, token_f1
 
@@ -20,21 +20,16 @@ def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
 
 
-def _untrained_checkpoint(src, dest, task_type, labels, max_length=64):
-    """A checkpoint folder exactly as training writes it, without training (fresh head)."""
-    from transformers import AutoTokenizer
+QA = ExtractiveQATask(labels=None)
 
-    model = build_finetune_model(str(src), task_type, labels)
-    model.save_pretrained(dest)
-    AutoTokenizer.from_pretrained(str(src)).save_pretrained(dest)
-    write_meta(
-        dest, kind="finetune", task_type=task_type, labels=labels, max_length=max_length, base_model=str(src)
-    )
-    return str(dest)
+
+def _untrained_checkpoint(src, dest, task, max_length=64):
+    """A checkpoint folder exactly as training writes it, without training (fresh head)."""
+    return save_student_checkpoint(src, dest, task, max_length)
 
 
 def test_classification_predictor_columns(tiny_student_dir, sst2_rows, tmp_path):
-    ckpt = _untrained_checkpoint(tiny_student_dir, tmp_path / "ckpt", "classification", LABELS)
+    ckpt = _untrained_checkpoint(tiny_student_dir, tmp_path / "ckpt", ClassificationTask(labels=LABELS))
     assert read_meta(ckpt)["labels"] == LABELS
     pred = StudentPredictor(ckpt, batch_size=16)
     batch = _columns(sst2_rows[:40])
@@ -55,7 +50,7 @@ def test_qa_train_features_point_at_the_answer(tiny_student_dir, adqa_rows):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_student_dir))
-    rows = check_qa_rows(adqa_rows[:20], "test rows")
+    rows = QA.check_student_rows(adqa_rows[:20], "test rows")
     feats = qa_train_features(tok, rows, max_length=64)
     assert len(feats) > len(rows)  # long contexts are split into several windows
     found = 0
@@ -78,16 +73,24 @@ def test_qa_train_features_point_at_the_answer(tiny_student_dir, adqa_rows):
 
 
 def test_qa_predictor_returns_spans_of_the_context(tiny_student_dir, adqa_rows, tmp_path):
-    ckpt = _untrained_checkpoint(tiny_student_dir, tmp_path / "qa", "extractive_qa", None, max_length=96)
+    ckpt = _untrained_checkpoint(tiny_student_dir, tmp_path / "qa", QA, max_length=96)
     pred = StudentPredictor(ckpt, batch_size=8)
-    batch = _columns(adqa_rows[:12])
+    rows = adqa_rows[:12]
+    first = pred(_columns(rows))["prediction"]
+    # Half the rows get the student's own span as their gold answer, so the data holds right and wrong
+    # answers and `correct` / `f1` are checked both ways.
+    rows = [dict(r, answer=p, answer_start=r["context"].index(p)) if i % 2 else r
+            for i, (r, p) in enumerate(zip(rows, first))]
+    batch = _columns(rows)
     out = pred(batch)
+    assert list(out["prediction"]) == list(first)
     for p, ctx, gold, f1, ok in zip(
         out["prediction"], batch["context"], batch["answer"], out["f1"], out["correct"]
     ):
-        assert p in ctx
+        assert p.strip() and p in ctx  # a non-empty span of its own context
         assert f1 == pytest.approx(token_f1(p, gold))
         assert bool(ok) == bool(exact_match(p, gold))
+    assert 0 < sum(out["correct"]) < len(rows), list(out["correct"])
     assert np.all((out["margin"] >= 0) & (out["margin"] <= 1))
 
 
@@ -103,7 +106,7 @@ def test_bad_inputs_fail_clearly(tiny_student_dir, sst2_rows, adqa_rows, tmp_pat
         train_student(
             adqa_rows[:5],
             adqa_rows[5:8],
-            ExtractiveQATask(labels=None),
+            QA,
             StudentConfig(kind="embedding_head"),
             str(tiny_student_dir),
             tmp_path,
@@ -127,7 +130,7 @@ def test_qa_rows_with_wrong_offsets_are_relocated_or_dropped(adqa_rows):
     r = adqa_rows[0]
     moved = dict(r, answer_start=r["answer_start"] + 3)
     missing = dict(r, answer="zzz not in the context zzz")
-    out = check_qa_rows([r, moved, missing], "rows")
+    out = QA.check_student_rows([r, moved, missing], "rows")
     assert len(out) == 2
     assert all(
         x["context"][x["answer_start"] : x["answer_start"] + len(x["answer"])] == x["answer"] for x in out
@@ -135,7 +138,25 @@ def test_qa_rows_with_wrong_offsets_are_relocated_or_dropped(adqa_rows):
 
 
 def test_qa_question_longer_than_max_length_still_predicts(tiny_student_dir, adqa_rows, tmp_path):
-    ckpt = _untrained_checkpoint(tiny_student_dir, tmp_path / "qa", "extractive_qa", None, max_length=48)
+    ckpt = _untrained_checkpoint(tiny_student_dir, tmp_path / "qa", QA, max_length=48)
     row = dict(adqa_rows[0], question=" ".join([adqa_rows[0]["question"]] * 12))
     out = StudentPredictor(ckpt)(_columns([row]))
-    assert out["prediction"][0] in row["context"]
+    assert out["prediction"][0].strip() and out["prediction"][0] in row["context"]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "workers", "free", "setting", "cores", "expected"),
+    [
+        ([96, 96], 1, 192, None, None, 96),  # one worker on a two-node cluster fits on one node, not 192
+        ([96, 96], 4, 192, None, None, 48),  # two workers per node
+        ([96, 8], 2, 104, None, None, 8),  # spread over both nodes: sized for the smaller one
+        ([96, 8], 1, 104, None, None, 96),  # one worker goes to the big node
+        ([96, 96], 2, 20, None, None, 10),  # a teacher holds most CPUs: the free ones are shared
+        ([4], 1, 4, None, 2, 2),  # one node advertising more CPUs than its cores
+        ([4], 2, 4, None, 2, 1),
+        ([4], 2, 0, None, 2, 1),  # nothing free yet: one CPU each, Ray Train waits
+        ([96, 96], 1, 192, 12, None, 12),  # student.cpus_per_worker wins
+    ],
+)
+def test_worker_cpus_from_node_sizes(nodes, workers, free, setting, cores, expected):
+    assert worker_cpus(nodes, workers, free, setting, cores) == expected

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from s3ray.config import TaskConfig
-from s3ray.tasks import ParseError, make_task
+from s3ray.tasks import ParseError, make_task, task_class
 from s3ray.tasks.answer_spans import MAX_SPAN_WORDS, candidate_spans, sentence_around
+from s3ray.tasks.base import merge_stats
 from s3ray.tasks.pair import PairTask
 from s3ray.tasks.qa import ExtractiveQATask, exact_match, find_span, normalize_answer, token_f1
 
@@ -175,6 +176,38 @@ def test_qa_metrics(qa):
     assert m["n"] == 3
     assert m["exact_match"] == pytest.approx(1 / 3)
     assert m["f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+
+
+# --- what each family decides (the loop, the student and the mining ask the task) -----------------------
+
+def test_families_own_gold_field_labels_report_columns_and_row_columns(rte, qa):
+    assert (rte.gold_field, rte.needs_labels, rte.primary_metric, rte.secondary_metric) == (
+        "label", True, "accuracy", "macro_f1")
+    assert (qa.gold_field, qa.needs_labels, qa.primary_metric, qa.secondary_metric) == (
+        "answer", False, "f1", "exact_match")
+    assert task_class("extractive_qa") is ExtractiveQATask and task_class("pair") is PairTask
+    with pytest.raises(ValueError, match="expected one of classification | pair | extractive_qa"):
+        task_class("regression")
+    assert [f.name for f in rte.row_columns()] == ["label"]
+    assert [f.name for f in qa.row_columns()] == ["answer_start"]
+    assert qa.golds([{"answer": "June"}]) == ["June"] and rte.golds([{"label": "entailment"}]) == ["entailment"]
+
+
+@pytest.mark.parametrize("family", ["pair", "qa"])
+def test_metric_statistics_of_parts_sum_to_the_whole(rte, qa, family):
+    """Mining sums per-block statistics: the merged metric must equal the metric over all rows."""
+    rng = random.Random(3)
+    if family == "pair":
+        task, pool = rte, ["entailment", "not_entailment"]
+    else:
+        task, pool = qa, ["Town Moor", "the Town Moor", "June", "in June", "Europe"]
+    golds = [rng.choice(pool) for _ in range(200)]
+    preds = [g if rng.random() < 0.5 else rng.choice(pool) for g in golds]
+    parts = [task.metric_stats(preds[i:i + 37], golds[i:i + 37]) for i in range(0, 200, 37)]
+    assert task.metrics_from_stats(merge_stats(parts)) == pytest.approx(task.metrics(preds, golds))
+    scored = task.score_rows(preds, golds)
+    assert sum(scored["correct"]) == pytest.approx(task.metrics(preds, golds)[
+        "accuracy" if family == "pair" else "exact_match"] * 200)
 
 
 # --- QA: answer spans picked in code ----------------------------------------------------------------

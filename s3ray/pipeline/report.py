@@ -10,15 +10,16 @@ from pathlib import Path
 
 from s3ray.pipeline import steps as step_names
 from s3ray.pipeline.rundir import RunDir
+from s3ray.tasks import task_class
 
 
 def _metric_name(task_type: str) -> str:
-    return "f1" if task_type == "extractive_qa" else "accuracy"
+    return task_class(task_type).primary_metric
 
 
 def _secondary_metric_name(task_type: str) -> str:
-    """Reported beside the primary metric: SQuAD's exact match for QA, macro-F1 for labels."""
-    return "exact_match" if task_type == "extractive_qa" else "macro_f1"
+    """Reported beside the primary metric (QA: SQuAD's exact match; label tasks: macro-F1)."""
+    return task_class(task_type).secondary_metric
 
 
 def _budget(student: dict) -> str:

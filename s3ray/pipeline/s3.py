@@ -18,11 +18,9 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-import pyarrow.parquet as pq
-
 from s3ray.config import ConfigError, S3Config, StudentConfig
 from s3ray.data.load import card_labels, load_rows, split_holdout
-from s3ray.mining import mine_errors
+from s3ray.mining import mine_errors, read_errors
 from s3ray.models import resolve_student
 from s3ray.pipeline import steps
 from s3ray.pipeline.report import write_report
@@ -33,7 +31,7 @@ from s3ray.student import evaluate_student, train_student
 from s3ray.synthesis.collect import SynthesisStats, collect_examples, collect_rationales, rows_to_table
 from s3ray.synthesis.dedup import Deduplicator
 from s3ray.synthesis.plan import balanced_counts, cap_errors, plan_ees, plan_rationales, plan_seed
-from s3ray.tasks import make_task
+from s3ray.tasks import make_task, task_class
 from s3ray.teacher.teacher import make_teacher, teacher_model_path
 
 log = logging.getLogger("s3ray")
@@ -61,7 +59,7 @@ def prepare_inputs(cfg: S3Config, resolve_models: bool = True) -> RunInputs:
         if path and not Path(path).expanduser().exists():
             raise DataError(f"data.{name}: {path} does not exist (paths are relative to where s3ray runs)")
     labels = cfg.task.labels
-    if cfg.task.type != "extractive_qa" and not labels:
+    if task_class(cfg.task.type).needs_labels and not labels:
         labels = card_labels(cfg.data.validation)
         if not labels:
             raise ConfigError(
@@ -195,7 +193,7 @@ class S3Steps:
                             self.run.path / "students" / name, seed=self.seed, desc=f"student {name}")
         test = None
         if self.inputs.test:
-            test = evaluate_student(res.checkpoint, self.inputs.test, self.task, cfg)
+            test = evaluate_student(res.checkpoint, self.inputs.test, self.task, cfg).metrics
         return StudentResult(checkpoint=self.run.rel(res.checkpoint), best_epoch=res.best_epoch, epochs=cfg.epochs,
                              val=res.val_metrics, history=res.history, n_train=res.n_train,
                              train_seconds=res.train_seconds, test=test)
@@ -209,7 +207,7 @@ class S3Steps:
 
     # Step 5
     def extrapolate_errors(self, mined: MiningResult, rows_so_far: list[dict], round_: int) -> SynthesisResult:
-        errors = pq.read_table(self.run.abs(mined.errors_path)).to_pylist()
+        errors = read_errors(str(self.run.abs(mined.errors_path)))  # one row per id
         errors = cap_errors(errors, self.syn.max_ees_per_round, self.seed, round_)
         counts = None
         if self.syn.ees_balance == "per_label":
@@ -271,7 +269,7 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
     """
     if stop_after:
         try:
-            steps.check_step_name(stop_after, cfg.synthesis.rounds)
+            steps.check_step_name(stop_after, cfg)
         except ValueError as e:
             raise ConfigError(f"--stop-after: {e}") from None
     inputs = inputs or prepare_inputs(cfg)

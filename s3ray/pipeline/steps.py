@@ -8,9 +8,10 @@ check never rebuild them from f-strings of their own. A result is a small datacl
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from s3ray.tasks import task_class
 
 R = TypeVar("R")
 
@@ -108,19 +109,27 @@ def round_file(round_: int) -> str:
 EXTRA_SEED_FILE = "baseline/extra_seed.parquet"
 FINAL_TRAIN_FILE = "final/train.parquet"
 
-_ROUND_STEP = re.compile(r"^round(\d+)/(synthesis|train|mine)$")
+def run_order(cfg) -> list[Step]:
+    """Every step a run of `cfg` records, in the order `s3.py` runs them (what --stop-after accepts)."""
+    order: list[Step] = [RATIONALES] if cfg.uses_rationales and task_class(cfg.task.type).needs_labels else []
+    order.append(synthesis(0))
+    for r in range(cfg.synthesis.rounds):
+        order += [train(r), mine(r), synthesis(r + 1)]
+    if cfg.baselines.equal_budget:
+        order.append(EQUAL_BUDGET_SYNTHESIS)
+    order.append(train(cfg.synthesis.rounds))
+    if cfg.baselines.equal_budget:
+        order.append(EQUAL_BUDGET_TRAIN)
+    if cfg.baselines.real_validation:
+        order.append(REAL_VALIDATION_TRAIN)
+    if cfg.baselines.s3_plus_real:
+        order.append(S3_PLUS_REAL_TRAIN)
+    return order
 
 
-def check_step_name(name: str, rounds: int) -> str:
-    """`name` if a run with `rounds` extrapolation rounds has such a step, else ValueError naming the choices."""
-    fixed = {s.name for s in (RATIONALES, EQUAL_BUDGET_SYNTHESIS, EQUAL_BUDGET_TRAIN, REAL_VALIDATION_TRAIN,
-                              S3_PLUS_REAL_TRAIN)}
-    m = _ROUND_STEP.match(name)
-    last_mine = m and m.group(2) == "mine" and int(m.group(1)) == rounds  # the final student is not mined
-    if name in fixed or (m and int(m.group(1)) <= rounds and not last_mine):
-        return name
-    raise ValueError(
-        f"unknown step {name!r}: steps are {RATIONALES}, round0/synthesis, roundN/train and roundN/mine "
-        f"(N < {rounds}), roundN/synthesis (1 <= N <= {rounds}), round{rounds}/train, "
-        f"{EQUAL_BUDGET_SYNTHESIS}, {EQUAL_BUDGET_TRAIN}, {REAL_VALIDATION_TRAIN}, {S3_PLUS_REAL_TRAIN}"
-    )
+def check_step_name(name: str, cfg) -> str:
+    """`name` if a run of `cfg` records such a step, else ValueError naming the steps it has."""
+    names = [s.name for s in run_order(cfg)]
+    if name not in names:
+        raise ValueError(f"{name!r} is not a step of this config's run; steps are: {', '.join(names)}")
+    return name

@@ -46,7 +46,7 @@ def read_meta(folder: str | Path) -> dict:
     path = Path(folder) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"{folder} is not an s3ray student checkpoint (no {META_FILE}); pass StudentResult.checkpoint"
+            f"{folder} is not an s3ray student checkpoint (no {META_FILE}); pass TrainResult.checkpoint"
         )
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:

@@ -1,11 +1,11 @@
 """Tokenisation shared by training and prediction: text pairs for classifiers, SQuAD-style span features
-for extractive QA (question first, context second, long contexts split into overlapping windows)."""
+for extractive QA (question first, context second, long contexts split into overlapping windows), and the
+training loader over the tokenised features."""
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger("s3ray.student")
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import DataCollatorWithPadding
 
 MAX_ANSWER_TOKENS = 30
 
@@ -81,33 +81,9 @@ def qa_train_features(tokenizer, rows: list[dict], max_length: int) -> list[dict
     return feats
 
 
-def check_qa_rows(rows: list[dict], where: str) -> list[dict]:
-    """Rows whose answer sits at answer_start in the context; others are repaired (first occurrence) or
-    dropped, and the count is logged: a wrong offset would silently teach the wrong span."""
-    good, fixed, dropped = [], 0, 0
-    for r in rows:
-        ctx, ans = r.get("context") or "", r.get("answer") or ""
-        start = r.get("answer_start")
-        if not ans or not r.get("question"):
-            dropped += 1
-            continue
-        if not isinstance(start, int) or ctx[start : start + len(ans)] != ans:
-            found = ctx.find(ans)
-            if found < 0:
-                dropped += 1
-                continue
-            r = {**r, "answer_start": found}
-            fixed += 1
-        good.append(r)
-    if fixed or dropped:
-        log.warning(
-            "%s: %d QA rows had a wrong answer_start (re-located), %d had no answer in the context (dropped)",
-            where,
-            fixed,
-            dropped,
-        )
-    if not good:
-        raise ValueError(
-            f"{where}: no usable QA rows (each needs question, context, and an answer inside it)"
-        )
-    return good
+def make_loader(features: list[dict], tokenizer, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """Seeded shuffling (a DistributedSampler, also for one worker, so 1 and N workers see the same order
+    rules) and dynamic padding per batch."""
+    sampler = DistributedSampler(features, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    return DataLoader(features, batch_size=batch_size, sampler=sampler, collate_fn=collate), sampler

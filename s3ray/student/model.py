@@ -1,31 +1,11 @@
-"""Student networks: any HF encoder with a classification or span head, or a linear head on frozen
-mean-pooled embeddings (the fast `embedding_head` student)."""
+"""The fast `embedding_head` student network: a linear head on frozen mean-pooled embeddings. (Fine-tuned
+students are plain HF models; which one a task trains is its `student_head()`, see heads.py.)"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
-
-
-def build_finetune_model(
-    model_path: str, task_type: str, labels: list[str] | None, trust_remote_code: bool = False
-):
-    """A pretrained encoder with a fresh task head (classification/pair: labels; extractive_qa: spans)."""
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
-    if task_type == "extractive_qa":
-        return AutoModelForQuestionAnswering.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    if not labels:
-        raise ValueError(f"task type {task_type!r} needs label names (task.labels is empty)")
-    return AutoModelForSequenceClassification.from_pretrained(
-        model_path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={lab: i for i, lab in enumerate(labels)},
-        ignore_mismatched_sizes=True,  # a base that already had a head with another label count
-        trust_remote_code=trust_remote_code,
-    )
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Student inference: one code path for validation during training, `evaluate_student`, and the Ray Data
-error mining (`StudentPredictor` is a callable class for `map_batches`, and works in plain loops too)."""
+error mining (`StudentPredictor` is a callable class for `map_batches`, and works in plain loops too).
+The batched forward passes for the two built-in heads (class probabilities, QA spans) live here too."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
 
 from s3ray.student.checkpoint import HEAD_FILE, read_meta
 from s3ray.student.features import MAX_ANSWER_TOKENS, encode_qa, encode_texts
-from s3ray.tasks.qa import exact_match, token_f1
+from s3ray.student.model import EmbeddingHeadModel
+from s3ray.tasks import task_for_checkpoint
 
 
 def _to(batch, device) -> dict:
@@ -115,81 +119,50 @@ def top2_margin(probs: np.ndarray) -> np.ndarray:
     return (part[:, -1] - part[:, -2]).astype(np.float32)
 
 
-def load_student(checkpoint: str | Path, device: str | torch.device):
-    """(model in eval mode on `device`, tokenizer, meta) from a student checkpoint folder."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from s3ray.student.model import EmbeddingHeadModel, build_finetune_model
-
+def load_student(checkpoint: str | Path, device: str | torch.device, task=None):
+    """(model in eval mode on `device`, tokenizer, meta, task) from a student checkpoint folder. `task`
+    defaults to the registered family named in the checkpoint, with its labels."""
     meta = read_meta(checkpoint)
+    if task is None:
+        task = task_for_checkpoint(meta["task_type"], meta["labels"])
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     if meta["kind"] == "embedding_head":
-        from safetensors.torch import load_file
-
         encoder = AutoModel.from_pretrained(str(checkpoint))
         state = load_file(str(Path(checkpoint) / HEAD_FILE))
         head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
         head.load_state_dict(state)
         model = EmbeddingHeadModel(encoder, head)
     else:
-        model = build_finetune_model(str(checkpoint), meta["task_type"], meta["labels"])
-    return model.to(device).eval(), tokenizer, meta
+        model = task.student_head().build(str(checkpoint))
+    return model.to(device).eval(), tokenizer, meta, task
 
 
-def task_for(meta: dict):
-    """The task object a checkpoint was trained for (its `student_inputs` builds the model inputs)."""
-    from s3ray.config import TaskConfig
-    from s3ray.tasks import make_task
-
-    return make_task(TaskConfig(type=meta["task_type"]), meta["labels"])
+def _column(values) -> np.ndarray:
+    """Strings as an object column (Arrow strings in Ray Data), numbers as a numeric one."""
+    values = list(values)
+    return np.asarray(values, dtype=object if values and isinstance(values[0], str) else None)
 
 
 class StudentPredictor:
     """Callable for `ray.data.Dataset.map_batches(StudentPredictor, fn_constructor_kwargs=...)` or plain use.
 
-    Returns the input columns plus `prediction` (label name; QA: answer text), `margin` (classification:
-    p(top1) - p(top2); QA: p_start * p_end of the chosen span), and, when the gold column is present
-    (`label`; QA: `answer`), `correct` (QA: exact match after SQuAD normalisation) and, for QA, `f1`.
+    Returns the input columns plus `prediction` and `margin` (small: the student was unsure) from the task's
+    student head, and, when the task's gold column is present, the task's `score_rows` columns: `correct`
+    (False marks a mined error) and any others (QA: `f1`). `task` defaults to the checkpoint's family.
     """
 
-    def __init__(self, checkpoint: str, batch_size: int = 64, device: str | None = None):
+    def __init__(self, checkpoint: str, batch_size: int = 64, device: str | None = None, task=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.tokenizer, self.meta = load_student(checkpoint, self.device)
-        self.task = task_for(self.meta)
+        self.model, self.tokenizer, self.meta, self.task = load_student(checkpoint, self.device, task)
+        self.head = self.task.student_head()
         self.batch_size = batch_size
         self.max_length = int(self.meta["max_length"])
 
-    @property
-    def task_type(self) -> str:
-        return self.meta["task_type"]
-
-    def predict_rows(self, rows: list[dict], progress: bool = False) -> tuple[list[str], np.ndarray]:
+    def predict_rows(self, rows: list[dict], progress: bool = False) -> tuple[list, np.ndarray]:
         """(predictions, margins) for row dicts."""
-        if self.task_type == "extractive_qa":
-            return qa_predict(
-                self.model,
-                self.tokenizer,
-                [r["question"] for r in rows],
-                [r["context"] for r in rows],
-                self.max_length,
-                self.batch_size,
-                self.device,
-                progress,
-            )
-        inputs = [self.task.student_inputs(r) for r in rows]
-        texts_b = [b for _, b in inputs]
-        probs = classify_probs(
-            self.model,
-            self.tokenizer,
-            [a for a, _ in inputs],
-            None if all(b is None for b in texts_b) else texts_b,
-            self.max_length,
-            self.batch_size,
-            self.device,
-            progress,
+        return self.head.predict(
+            self.model, self.tokenizer, rows, self.max_length, self.batch_size, self.device, progress
         )
-        labels = self.meta["labels"]
-        return [labels[i] for i in probs.argmax(1)], top2_margin(probs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cols = list(batch)
@@ -197,14 +170,10 @@ class StudentPredictor:
         rows = [{c: batch[c][i] for c in cols} for i in range(n)]
         preds, margins = self.predict_rows(rows)
         out = dict(batch)
-        out["prediction"] = np.asarray(preds, dtype=object)
-        out["margin"] = margins.astype(np.float32)
-        gold = "answer" if self.task_type == "extractive_qa" else "label"
+        out["prediction"] = _column(preds)
+        out["margin"] = np.asarray(margins, dtype=np.float32)
+        gold = self.task.gold_field
         if gold in batch:
-            golds = [str(g) for g in batch[gold]]
-            if self.task_type == "extractive_qa":
-                out["correct"] = np.asarray([exact_match(p, g) for p, g in zip(preds, golds)], dtype=bool)
-                out["f1"] = np.asarray([token_f1(p, g) for p, g in zip(preds, golds)], dtype=np.float32)
-            else:
-                out["correct"] = np.asarray([p == g for p, g in zip(preds, golds)], dtype=bool)
+            for name, values in self.task.score_rows(preds, list(batch[gold])).items():
+                out[name] = _column(values)
         return out

@@ -5,15 +5,18 @@ builds the model, trains on its shard, and after every epoch all workers predict
 rows, gather the predictions, and agree on the metric. A new best epoch is saved as a Ray Train checkpoint
 (an ordinary HF folder, see checkpoint.py), which ends up at `out_dir/checkpoint`.
 
-Modules: loop.py (shared epoch loop and data), worker.py (the Ray Train per-worker loop), embedding_head.py
-(`kind="embedding_head"`: no Ray Train, one Ray task embeds the rows once with the frozen encoder and fits a
-linear head for `epochs` passes, seconds on a CPU), predict.py (inference), checkpoint.py (the folder format).
+Modules: heads.py (what a task's student is), features.py, optim.py, epochs.py (the shared best-epoch
+loop), strategies.py (DDP / DeepSpeed), worker.py (the Ray Train per-worker loop), embedding_head.py
+(`kind="embedding_head"`: no Ray Train, one Ray task embeds the rows once with the frozen encoder and fits
+a linear head), predict.py (inference), checkpoint.py (the folder format). Ray is imported inside the
+driver functions: importing s3ray.student must not start or import Ray.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -22,76 +25,100 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from transformers import AutoTokenizer
 
 from s3ray.config import StudentConfig
-from s3ray.student.loop import check_rows, golds_of, make_loader, make_optimizer, run_epoch, train_features
+from s3ray.runtime import alive_nodes, init_ray, local_cores
+from s3ray.student.embedding_head import fit_embedding_head
 from s3ray.student.predict import StudentPredictor
+from s3ray.student.worker import train_loop
 from s3ray.tasks.base import Task
 
 log = logging.getLogger("s3ray.student")
 
 
 @dataclass
-class StudentResult:
+class TrainResult:
+    """A trained student; every field is JSON-able (the pipeline stores `asdict(result)`)."""
+
     checkpoint: str  # HF folder of the best epoch: model + tokenizer + s3ray_student.json
     best_epoch: int  # 1-based
     val_metrics: dict  # task.metrics on the validation rows at the best epoch
-    history: list[dict]  # per epoch: {"epoch", "train_loss", "val", "seconds", ...}
+    history: list[dict]  # per epoch: {"epoch", "train_loss", "val", "seconds", "val_seconds", ...}
     train_seconds: float  # time inside the training loops (all epochs), without start-up and validation
     n_train: int
-    samples_per_second: float  # n_train * epochs / train_seconds
+    samples_per_second: float  # training features * epochs / train_seconds
     wall_seconds: float = 0.0  # the whole call, Ray Train start-up included
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # cpus_per_worker, strategy (zero_stage), timing breakdown
+
+
+@dataclass
+class EvalResult:
+    """A saved student's metrics on some rows (plain, JSON-able)."""
+
+    metrics: dict  # task.metrics (primary and secondary metric, n)
+    n_rows: int
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------- CPU sizing
+
+
+def worker_cpus(
+    node_cpus: list[float], num_workers: int, free_cpus: float, setting: int | None = None,
+    cores: int | None = None,
+) -> int:
+    """CPUs (= torch threads) for each training worker, sized from the nodes it can run on.
+
+    `setting` (student.cpus_per_worker) wins. Otherwise a worker gets its share of one node: the largest
+    node for a single worker, else the smallest node split among the workers it must host when they are
+    spread over every node; never more than the cluster's free CPUs per worker (teacher replicas may hold
+    some), nor more than `cores` (a one-node cluster's real cores), and at least 1."""
+    if setting:
+        return int(setting)
+    cpus = [c for c in node_cpus if c > 0] or [1.0]
+    if num_workers == 1:
+        share = max(cpus)
+    else:
+        share = min(cpus) // math.ceil(num_workers / len(cpus))
+    share = min(share, free_cpus // num_workers)
+    if cores is not None:
+        share = min(share, cores // num_workers)
+    return max(1, int(share))
+
+
+def _cluster_worker_cpus(cfg: StudentConfig, num_workers: int) -> int:
+    import ray  # lazily, see the module docstring
+
+    nodes = alive_nodes()
+    free = ray.available_resources().get("CPU", 0.0)
+    if free < num_workers and not cfg.cpus_per_worker:
+        log.warning("student: %d worker(s) need CPUs but Ray has %.1f free (teacher replicas still up?); "
+                    "Ray Train waits for them", num_workers, free)
+    node_cpus = [float(n["Resources"].get("CPU", 0)) for n in nodes]
+    cores = local_cores() if len(nodes) == 1 else None  # one node: more threads than cores run slower
+    return worker_cpus(node_cpus, num_workers, free, cfg.cpus_per_worker, cores)
 
 
 # ---------------------------------------------------------------------------------------- driver side
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        from s3ray.runtime import init_ray
-
-        init_ray()
-
-
-def _cpus_per_worker(cfg: StudentConfig) -> int:
-    """Give the workers the free CPUs (torch threads follow), but never more threads than this machine has
-    cores when the cluster is just this machine."""
-    import ray
-
-    from s3ray.runtime import cap_to_local_cores
-
-    avail = ray.available_resources().get("CPU", 0.0)
-    if avail < cfg.num_workers:
-        log.warning(
-            "student: %d worker(s) need %d CPUs but Ray has %.1f free (teacher replicas still up?); "
-            "Ray Train waits for them",
-            cfg.num_workers,
-            cfg.num_workers,
-            avail,
-        )
-    return max(1, int(cap_to_local_cores(avail) // cfg.num_workers))
-
-
 def _check_cfg(cfg: StudentConfig, task: Task) -> None:
     """Config mistakes, found before any process starts or model loads."""
-    if task.type not in ("classification", "pair", "extractive_qa"):
-        raise ValueError(f"task type {task.type!r}: the student trains classification, pair or extractive_qa")
-    if cfg.kind == "embedding_head" and task.type == "extractive_qa":
+    if cfg.kind == "embedding_head" and not task.student_head().supports_embedding_head:
         raise ValueError(
-            "student.kind=embedding_head supports classification and pair tasks only; "
-            "use student.kind=finetune for extractive_qa"
+            f"student.kind=embedding_head fits a linear head on labels; the {task.type} task's student "
+            "has another head: use student.kind=finetune"
         )
     if cfg.mixed_precision == "fp16" and not cfg.use_gpu:
         raise ValueError("student.mixed_precision=fp16 needs student.use_gpu=true; on CPUs use bf16 or no")
 
 
-def _check_gpus(cfg: StudentConfig) -> None:
-    import ray
+def _start_ray(cfg: StudentConfig) -> None:
+    import ray  # lazily, see the module docstring
 
+    if not ray.is_initialized():
+        init_ray()
     if cfg.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < cfg.num_workers:
@@ -115,46 +142,32 @@ def train_student(
     out_dir: str | Path,
     seed: int,
     desc: str = "student",
-) -> StudentResult:
+) -> TrainResult:
     """Fine-tune `model_path` on train_rows (Ray Train, cfg.num_workers workers), pick the best epoch on
     val_rows by task.primary_metric, and return where its checkpoint is (out_dir/checkpoint)."""
     _check_cfg(cfg, task)
-    train_rows = check_rows(train_rows, task, f"{desc} training rows")
-    val_rows = check_rows(val_rows, task, f"{desc} validation rows")
-    _ensure_ray()
-    _check_gpus(cfg)
+    train_rows = task.check_student_rows(train_rows, f"{desc} training rows")
+    val_rows = task.check_student_rows(val_rows, f"{desc} validation rows")
+    _start_ray(cfg)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.kind == "embedding_head":
         return _train_embedding_head(train_rows, val_rows, task, cfg, model_path, out_dir, seed, desc)
+    return _train_ray(train_rows, val_rows, task, cfg, model_path, out_dir, seed, desc)
 
-    import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+
+def _fit(train_config: dict, cfg: StudentConfig, threads: int, out_dir: Path, desc: str):
+    """Run Ray Train's TorchTrainer over worker.train_loop; its Result, or a clear error."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig  # lazily, see the module docstring
     from ray.train.torch import TorchTrainer
-    from transformers import AutoTokenizer
 
-    from s3ray.student.worker import train_loop
-
-    t_start, t_start_unix = time.perf_counter(), time.time()
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
-    features = train_features(tokenizer, train_rows, task, cfg.max_length)
-    data_ref = ray.put({"features": features, "val_rows": val_rows})
-    threads = _cpus_per_worker(cfg)
     # Ray Train V2 polls its workers every 2 s and starts a preemption-watcher actor per run; a student run
     # is short and restarts cheaply, so poll faster and skip the watcher (unless the user set these).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            "cfg": cfg.model_dump(),
-            "task": task,
-            "data_ref": data_ref,
-            "model_path": str(model_path),
-            "seed": seed,
-            "threads": threads,
-            "desc": desc,
-        },
+        train_loop_config=train_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": threads}
         ),
@@ -164,31 +177,37 @@ def train_student(
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
-    log.info(
-        "%s: training on %d rows (%d features), %d worker(s) x %d CPU, %s",
-        desc,
-        len(train_rows),
-        len(features),
-        cfg.num_workers,
-        threads,
-        cfg.strategy,
-    )
-    t_fit = time.time()
     result = trainer.fit()
-    t_fitted = time.time()
     if getattr(result, "error", None):
         raise RuntimeError(f"{desc}: Ray Train failed") from result.error
     if result.checkpoint is None or not result.metrics:
         raise RuntimeError(f"{desc}: Ray Train finished without a checkpoint/metrics (see the worker logs)")
-    history = json.loads(result.metrics["history_json"])
-    best_epoch = int(result.metrics["best_epoch"])
+    return result
+
+
+def _train_ray(train_rows, val_rows, task: Task, cfg: StudentConfig, model_path, out_dir: Path, seed, desc):
+    import ray  # lazily, see the module docstring
+
+    t_start, t_start_unix = time.perf_counter(), time.time()
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    features = task.student_head().features(tokenizer, train_rows, cfg.max_length)
+    threads = _cluster_worker_cpus(cfg, cfg.num_workers)
+    train_config = {"cfg": cfg.model_dump(), "task": task, "model_path": str(model_path), "seed": seed,
+                    "data_ref": ray.put({"features": features, "val_rows": val_rows}), "threads": threads,
+                    "desc": desc}
+    log.info("%s: training on %d rows (%d features), %d worker(s) x %d CPU, %s", desc, len(train_rows),
+             len(features), cfg.num_workers, threads, cfg.strategy)
+    t_fit = time.time()
+    result = _fit(train_config, cfg, threads, out_dir, desc)
+    t_fitted = time.time()
+    m = result.metrics
+    history, best_epoch = json.loads(m["history_json"]), int(m["best_epoch"])
     dest = out_dir / "checkpoint"
     shutil.rmtree(dest, ignore_errors=True)
     with result.checkpoint.as_directory() as src:
         shutil.copytree(src, dest)
-    loop = float(result.metrics["train_loop_seconds"])
-    wall = time.perf_counter() - t_start
-    return StudentResult(
+    loop = float(m["train_loop_seconds"])
+    return TrainResult(
         checkpoint=str(dest),
         best_epoch=best_epoch,
         val_metrics=history[best_epoch - 1]["val"],
@@ -196,110 +215,53 @@ def train_student(
         train_seconds=loop,
         n_train=len(train_rows),
         samples_per_second=len(features) * cfg.epochs / loop if loop > 0 else float("nan"),
-        wall_seconds=wall,
+        wall_seconds=time.perf_counter() - t_start,
         extra={
             "n_features": len(features),
             "cpus_per_worker": threads,
             "ray_run": str(result.path),
+            **json.loads(m["strategy_json"]),  # strategy, and for DeepSpeed the engine's real ZeRO stage
             # where the wall time goes besides the training loops
-            "ray_start_seconds": result.metrics["worker_enter_unix"] - t_fit,  # controller + workers up
-            "worker_setup_seconds": result.metrics["worker_setup_seconds"],  # imports, model load, DDP/DS
+            "ray_start_seconds": m["worker_enter_unix"] - t_fit,  # controller + workers up
+            "worker_setup_seconds": m["worker_setup_seconds"],  # imports, model load, DDP/DS
             "val_seconds": sum(h["val_seconds"] for h in history),
-            "ray_finish_seconds": t_fitted - result.metrics["worker_done_unix"],
+            "ray_finish_seconds": t_fitted - m["worker_done_unix"],
             "driver_prep_seconds": t_fit - t_start_unix,  # tokenisation
         },
     )
 
 
-def _train_embedding_head(
-    train_rows, val_rows, task, cfg, model_path, out_dir: Path, seed, desc
-) -> StudentResult:
-    import ray
-
-    from s3ray.student.embedding_head import fit_embedding_head
+def _train_embedding_head(train_rows, val_rows, task, cfg, model_path, out_dir: Path, seed, desc) -> TrainResult:
+    import ray  # lazily, see the module docstring
 
     t0 = time.perf_counter()
-    threads = _cpus_per_worker(cfg.model_copy(update={"num_workers": 1}))
+    threads = _cluster_worker_cpus(cfg, 1)
     remote = ray.remote(num_cpus=threads, num_gpus=1 if cfg.use_gpu else 0)(fit_embedding_head)
     dest = out_dir / "checkpoint"
-    out = ray.get(
-        remote.remote(
-            train_rows, val_rows, task, cfg.model_dump(), str(model_path), str(dest), seed, desc, threads
-        )
-    )
+    out = ray.get(remote.remote(train_rows, val_rows, task, cfg.model_dump(), str(model_path), str(dest), seed,
+                                desc, threads))
     train_seconds = out["embed_seconds"] + out["head_seconds"]
-    return StudentResult(
+    return TrainResult(
         checkpoint=str(dest),
         best_epoch=out["best_epoch"],
         val_metrics=out["history"][out["best_epoch"] - 1]["val"],
         history=out["history"],
         train_seconds=train_seconds,
         n_train=len(train_rows),
-        samples_per_second=len(train_rows) * cfg.epochs / train_seconds
-        if train_seconds > 0
-        else float("nan"),
+        samples_per_second=len(train_rows) * cfg.epochs / train_seconds if train_seconds > 0 else float("nan"),
         wall_seconds=time.perf_counter() - t0,
-        extra={"embed_seconds": out["embed_seconds"], "head_seconds": out["head_seconds"]},
+        extra={"embed_seconds": out["embed_seconds"], "head_seconds": out["head_seconds"],
+               "cpus_per_worker": threads},
     )
-
-
-# ----------------------------------------------------------------------------------- plain loop (baseline)
-
-
-def train_plain(
-    train_rows: list[dict],
-    task: Task,
-    cfg: StudentConfig,
-    model_path: str,
-    seed: int,
-    threads: int | None = None,
-) -> dict:
-    """The same data, model, optimiser and epoch loop as a Ray Train worker, in this process and without
-    Ray: the baseline that benchmarks/student_training.py compares Ray Train against. No validation."""
-    from transformers import AutoTokenizer
-
-    from s3ray.student.model import build_finetune_model
-
-    if threads:
-        torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
-    features = train_features(tokenizer, check_rows(train_rows, task, "training rows"), task, cfg.max_length)
-    torch.manual_seed(seed)
-    model = build_finetune_model(model_path, task.type, task.labels, cfg.trust_remote_code)
-    loader, sampler = make_loader(features, tokenizer, cfg.batch_size, seed)
-    opt, sched_fn = make_optimizer(model, cfg, len(loader) * cfg.epochs)
-    sched = sched_fn(opt)
-    device = torch.device("cuda" if cfg.use_gpu else "cpu")
-    model.to(device)
-
-    def step(loss):
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-
-    losses, seconds = [], 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        loss, _ = run_epoch(model, loader, step, device, cfg, progress=True, desc=f"plain epoch {epoch}")
-        seconds += time.perf_counter() - t0
-        losses.append(loss)
-    return {
-        "train_seconds": seconds,
-        "n_features": len(features),
-        "losses": losses,
-        "samples_per_second": len(features) * cfg.epochs / seconds,
-    }
 
 
 # --------------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate_student(checkpoint: str, rows: list[dict], task: Task, cfg: StudentConfig) -> dict:
-    """task.metrics of a saved student on rows (a plain batched loop in this process, no Ray)."""
-    predictor = StudentPredictor(checkpoint, batch_size=cfg.batch_size * 2)
-    predictor.task = task  # the caller's task builds the inputs, exactly as in training
+def evaluate_student(checkpoint: str, rows: list[dict], task: Task, cfg: StudentConfig) -> EvalResult:
+    """task.metrics of a saved student on rows (a plain batched loop in this process, no Ray). The caller's
+    task builds the inputs, exactly as in training."""
+    t0 = time.perf_counter()
+    predictor = StudentPredictor(checkpoint, batch_size=cfg.batch_size * 2, task=task)
     preds, _ = predictor.predict_rows(rows, progress=True)
-    return task.metrics(preds, golds_of(rows, task))
+    return EvalResult(task.metrics(preds, task.golds(rows)), len(rows), time.perf_counter() - t0)

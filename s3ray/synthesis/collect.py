@@ -136,10 +136,7 @@ def synthetic_schema(task) -> pa.Schema:
     cols = [pa.field("id", pa.string())]
     for f in task.fields:
         cols.append(pa.field(f, pa.string()))
-    if task.type == "extractive_qa":
-        cols.append(pa.field("answer_start", pa.int64()))
-    else:
-        cols.append(pa.field("label", pa.string()))
+    cols += task.row_columns()  # the family's typed columns (label tasks: label; QA: answer_start)
     cols += [
         pa.field("round", pa.int64()),
         pa.field("source", pa.string()),

@@ -1,13 +1,24 @@
-"""What a task is to s3ray: its fields, its prompts, its output parser and its metric.
+"""What a task is to s3ray: its fields, its prompts, its output parser, its metric and its student.
 
-Each task family (classification, pair, extractive QA) is one small class. The S3 loop only calls the
-methods below, so adding a family means writing one file, not touching the loop.
+Each task family (classification, pair, extractive QA) is one small class. The S3 loop, the student and
+the error mining only call the methods below, so adding a family means writing one file (and calling
+`s3ray.tasks.register_task`), not touching the loop. What a family decides:
+- data: `fields`, `gold_field` (what the student predicts), `needs_labels`, `validate_row`,
+  `check_student_rows`, `row_columns` (typed columns of a synthetic row besides the text fields);
+- metric: `metric_stats` (additive sufficient statistics, so Ray Data blocks can be summed) and
+  `metrics_from_stats`; `metrics` is the two together; `primary_metric` picks the best epoch and
+  `secondary_metric` is reported beside it;
+- student: `student_head()` (which model the student is, how rows become features, how outputs become
+  predictions) and `score_rows` (how predictions compare with gold; `correct` false = a mined error).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
+
+import pyarrow as pa
 
 from s3ray.teacher.types import Message
 
@@ -95,6 +106,10 @@ class Task:
     type: str = "base"
     fields: tuple[str, ...] = ()
     primary_metric: str = "accuracy"
+    secondary_metric: str = "macro_f1"
+    gold_field: str = "label"  # the row field the student predicts
+    needs_labels: bool = True  # label names come from task.labels or the dataset card
+    rationales_by_default: bool = False  # the paper writes rationales for single-text tasks only
     # The part a seed prompt keeps from a real row (pair: text_a; QA: context). Empty: none.
     context_fields: tuple[str, ...] = ()
 
@@ -141,19 +156,93 @@ class Task:
     def student_inputs(self, row: dict) -> tuple[str, str | None]:
         raise NotImplementedError
 
+    def student_head(self):
+        """The student's model family for this task: an object with `build(model_path, trust_remote_code)`,
+        `features(tokenizer, rows, max_length)`, `predict(model, tokenizer, rows, max_length, batch_size,
+        device, progress)` -> (predictions, margins), and `supports_embedding_head` (see student/heads.py).
+        Label tasks: a sequence classifier over `student_inputs`."""
+        # torch and transformers load only when a student is built, not when a config is checked.
+        from s3ray.student.heads import LabelHead
+
+        return LabelHead(self)
+
+    def check_student_rows(self, rows: list[dict], where: str) -> list[dict]:
+        """The rows the student may train or validate on, or one error naming the first bad row."""
+        if not rows:
+            raise ValueError(f"{where}: no rows (the student needs at least one)")
+        bad = [(r.get("id", i), p) for i, r in enumerate(rows) if (p := self.validate_row(r))]
+        if bad:
+            raise ValueError(
+                f"{where}: {len(bad)} of {len(rows)} rows don't fit the {self.type} task, "
+                f"e.g. row {bad[0][0]}: {bad[0][1]}"
+            )
+        return rows
+
+    def golds(self, rows: list[dict]) -> list:
+        return [r[self.gold_field] for r in rows]
+
+    def score_rows(self, predictions: list, golds: list) -> dict[str, list]:
+        """Per-row columns the predictor adds when gold is known; `correct` False marks a student error."""
+        return {"correct": [str(p) == str(g) for p, g in zip(predictions, golds)]}
+
+    def metric_stats(self, predictions: list, golds: list) -> dict[str, float]:
+        """Additive statistics of the metric (label tasks: a gold x prediction count table)."""
+        return dict(Counter(f"{g}{_SEP}{p}" for p, g in zip(predictions, golds)))
+
+    def metrics_from_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        return macro_f1_from_counts(
+            {tuple(k.split(_SEP, 1)): int(c) for k, c in stats.items()}, self.labels
+        )
+
     def metrics(self, predictions: list, golds: list) -> dict[str, float]:
-        raise NotImplementedError
+        return self.metrics_from_stats(self.metric_stats(predictions, golds))
+
+    def score(self, metrics: dict) -> float:
+        """The primary metric's value (higher is better), or a clear error when metrics lack it."""
+        if self.primary_metric not in metrics:
+            raise KeyError(
+                f"task.metrics returned {sorted(metrics)}, without the primary metric {self.primary_metric!r}"
+            )
+        return float(metrics[self.primary_metric])
+
+    @classmethod
+    def row_columns(cls) -> list[pa.Field]:
+        """Typed columns of a synthetic row besides the string `fields` (label tasks: the label)."""
+        return [pa.field("label", pa.string())]
+
+    @classmethod
+    def from_config(cls, task_cfg, labels: list[str] | None, **kw) -> Task:
+        """The task for a run config's `task` section (families with options of their own override this)."""
+        return cls(labels=labels, **kw)
+
+
+def merge_stats(parts) -> dict[str, float]:
+    """Sum of `metric_stats` dicts (one per Ray Data block)."""
+    total: Counter = Counter()
+    for p in parts:
+        total.update(p)
+    return dict(total)
+
+
+_SEP = "\x1f"  # joins gold and prediction into one count key; never part of a label name
+
+
+def macro_f1_from_counts(counts: dict[tuple[str, str], int], labels: list[str] | None) -> dict[str, float]:
+    """Accuracy and macro F1 from a (gold, prediction) -> count table: the one macro-F1 formula."""
+    n = sum(counts.values())
+    if n == 0:
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "n": 0}
+    labels = list(labels) if labels else sorted({g for g, _ in counts})
+    correct = sum(c for (g, p), c in counts.items() if g == p)
+    f1s = []
+    for lab in labels:
+        tp = counts.get((lab, lab), 0)
+        fp = sum(c for (g, p), c in counts.items() if p == lab and g != lab)
+        fn = sum(c for (g, p), c in counts.items() if g == lab and p != lab)
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": correct / n, "macro_f1": sum(f1s) / len(f1s), "n": n}
 
 
 def accuracy_and_macro_f1(predictions: list, golds: list, labels: list[str]) -> dict[str, float]:
-    n = len(golds)
-    if n == 0:
-        return {"accuracy": float("nan"), "macro_f1": float("nan"), "n": 0}
-    correct = sum(p == g for p, g in zip(predictions, golds))
-    f1s = []
-    for lab in labels:
-        tp = sum(p == lab and g == lab for p, g in zip(predictions, golds))
-        fp = sum(p == lab and g != lab for p, g in zip(predictions, golds))
-        fn = sum(p != lab and g == lab for p, g in zip(predictions, golds))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": correct / n, "macro_f1": sum(f1s) / len(f1s), "n": n}
+    counts = Counter((str(g), str(p)) for p, g in zip(predictions, golds))
+    return macro_f1_from_counts(dict(counts), labels)

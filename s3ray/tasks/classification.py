@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from s3ray.tasks.base import ParseError, Task, accuracy_and_macro_f1, clean_generation
+from s3ray.tasks.base import ParseError, Task, clean_generation
 from s3ray.teacher.types import Message
 
 
@@ -16,6 +16,7 @@ def _system(description: str) -> Message:
 class ClassificationTask(Task):
     type: str = "classification"
     fields: tuple[str, ...] = ("text",)
+    rationales_by_default: bool = True
 
     def rationale_messages(self, label: str, k: int) -> list[Message]:
         return [
@@ -56,6 +57,3 @@ class ClassificationTask(Task):
 
     def student_inputs(self, row: dict) -> tuple[str, str | None]:
         return row["text"], None
-
-    def metrics(self, predictions: list, golds: list) -> dict[str, float]:
-        return accuracy_and_macro_f1(predictions, golds, self.labels or [])

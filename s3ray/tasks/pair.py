@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from s3ray.tasks.base import ParseError, Task, accuracy_and_macro_f1, clean_generation
+from s3ray.tasks.base import ParseError, Task, clean_generation
 from s3ray.teacher.types import Message
 
 # label -> what to write, with {d} = task.description (the name of text_a).
@@ -133,9 +133,6 @@ class PairTask(Task):
             raise ParseError("wrote_a_question")
         return {"text_a": text_a, "text_b": t, "label": label}
 
-    # --- student and metric ------------------------------------------------------------------
+    # --- student ------------------------------------------------------------------------------
     def student_inputs(self, row: dict) -> tuple[str, str | None]:
         return row["text_a"], row["text_b"]
-
-    def metrics(self, predictions: list, golds: list) -> dict[str, float]:
-        return accuracy_and_macro_f1(predictions, golds, self.labels or [])

@@ -15,14 +15,19 @@ The metric is SQuAD's: exact match and token F1 after `normalize_answer`.
 from __future__ import annotations
 
 import collections
+import logging
 import random
 import re
 import string
 from dataclasses import dataclass
 
+import pyarrow as pa
+
 from s3ray.tasks.answer_spans import STOP_WORDS, pick_span, sentence_around
 from s3ray.tasks.base import _REFUSAL, ParseError, Task
 from s3ray.teacher.types import Message
+
+log = logging.getLogger("s3ray.tasks")
 
 # --- SQuAD metric (module functions: the student predictor imports them) -------------------------------
 
@@ -55,15 +60,6 @@ def token_f1(prediction: str, gold: str) -> float:
         return 0.0
     precision, recall = same / len(p), same / len(g)
     return 2 * precision * recall / (precision + recall)
-
-
-def qa_metrics(predictions: list[str], golds: list[str]) -> dict[str, float]:
-    n = len(golds)
-    if n == 0:
-        return {"exact_match": float("nan"), "f1": float("nan"), "n": 0}
-    em = sum(exact_match(p, g) for p, g in zip(predictions, golds)) / n
-    f1 = sum(token_f1(p, g) for p, g in zip(predictions, golds)) / n
-    return {"exact_match": em, "f1": f1, "n": n}
 
 
 # --- teacher reply parsing -----------------------------------------------------------------------------
@@ -152,6 +148,9 @@ class ExtractiveQATask(Task):
     type: str = "extractive_qa"
     fields: tuple[str, ...] = ("context", "question", "answer")
     primary_metric: str = "f1"
+    secondary_metric: str = "exact_match"
+    gold_field: str = "answer"
+    needs_labels: bool = False
     context_fields: tuple[str, ...] = ("context",)
     description: str = "paragraph"
     answers: str = "picked"  # who picks the seed answer span: "picked" (s3ray) | "teacher"
@@ -274,5 +273,63 @@ class ExtractiveQATask(Task):
         # Question first, as SQuAD models read it; truncation then cuts the paragraph, not the question.
         return row["question"], row["context"]
 
-    def metrics(self, predictions: list, golds: list) -> dict[str, float]:
-        return qa_metrics(predictions, golds)
+    def student_head(self):
+        # torch and transformers load only when a student is built, not when a config is checked.
+        from s3ray.student.heads import SpanHead
+
+        return SpanHead(self)
+
+    def check_student_rows(self, rows: list[dict], where: str) -> list[dict]:
+        """Rows whose answer sits at answer_start in the context; others are repaired (first occurrence) or
+        dropped, and the count is logged: a wrong offset would silently teach the wrong span."""
+        if not rows:
+            raise ValueError(f"{where}: no rows (the student needs at least one)")
+        good, fixed, dropped = [], 0, 0
+        for r in rows:
+            ctx, ans = r.get("context") or "", r.get("answer") or ""
+            start = r.get("answer_start")
+            if not ans or not r.get("question"):
+                dropped += 1
+                continue
+            if not isinstance(start, int) or ctx[start : start + len(ans)] != ans:
+                found = ctx.find(ans)
+                if found < 0:
+                    dropped += 1
+                    continue
+                r = {**r, "answer_start": found}
+                fixed += 1
+            good.append(r)
+        if fixed or dropped:
+            log.warning(
+                "%s: %d QA rows had a wrong answer_start (re-located), %d had no answer in the context "
+                "(dropped)", where, fixed, dropped,
+            )
+        if not good:
+            raise ValueError(f"{where}: no usable QA rows (each needs question, context, and an answer inside it)")
+        return good
+
+    def score_rows(self, predictions: list, golds: list) -> dict[str, list]:
+        """`correct` is SQuAD exact match (a miss is a mined error), `f1` the token F1."""
+        golds = [str(g) for g in golds]
+        return {
+            "correct": [bool(exact_match(p, g)) for p, g in zip(predictions, golds)],
+            "f1": [token_f1(p, g) for p, g in zip(predictions, golds)],
+        }
+
+    def metric_stats(self, predictions: list, golds: list) -> dict[str, float]:
+        scored = self.score_rows(predictions, golds)
+        return {"n": len(golds), "em_sum": float(sum(scored["correct"])), "f1_sum": float(sum(scored["f1"]))}
+
+    def metrics_from_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        n = int(stats.get("n", 0))
+        if n == 0:
+            return {"exact_match": float("nan"), "f1": float("nan"), "n": 0}
+        return {"exact_match": stats["em_sum"] / n, "f1": stats["f1_sum"] / n, "n": n}
+
+    @classmethod
+    def row_columns(cls) -> list[pa.Field]:
+        return [pa.field("answer_start", pa.int64())]
+
+    @classmethod
+    def from_config(cls, task_cfg, labels: list[str] | None, **kw) -> ExtractiveQATask:
+        return cls(labels=None, answers=task_cfg.qa_answers, **kw)

@@ -1,12 +1,14 @@
 """Step 4 of S3: run the student over the real validation set and collect what it gets wrong.
 
+What counts as an error is the task's (`Task.score_rows`: `correct` False); its metric is the task's too.
 A streaming Ray Data pipeline, so the validation set may be far larger than the driver's memory:
 
     read (Parquet / JSONL / CSV) -> map_batches(StudentPredictor actors) -> PredictionSink
 
 The sink is a Ray Data `Datasink`: each write task writes its block's predictions and its errors as Parquet
-and returns a small summary (row and correct counts, a gold x prediction count table or the F1 sum, and
-its k lowest-margin correct rows). The driver merges those summaries (one per block, never rows) into the
+and returns a small summary (row and correct counts, the task's additive metric statistics, and its k
+lowest-margin correct rows). Part files are named by write-task index and written under a temp name, then
+renamed: a retried write task replaces its own part instead of adding a second copy. The driver merges those summaries (one per block, never rows) into the
 metric and, when hard examples are asked for, a (margin, id) cut; a second pass over the written
 predictions then adds the correct rows under the cut. Inference runs once; nothing is sorted or shuffled.
 """
@@ -19,101 +21,33 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from s3ray.tasks.base import Task
+from s3ray.mining.read import read_dataset
+from s3ray.runtime import alive_nodes, cap_to_local_cores
+from s3ray.tasks.base import Task, merge_stats
 
 log = logging.getLogger("s3ray.mining")
 
 ROWS_PER_BLOCK_BATCHES = 4  # inference batches per block: enough blocks for every actor, few tasks
-_SEP = "\x1f"  # joins gold and prediction into one confusion key; never part of a label name
 
 
 @dataclass
 class MiningResult:
+    """What one mining run found; every field is JSON-able (the pipeline stores `asdict(result)`)."""
+
     errors_path: str  # Parquet folder: errors (+ hard examples), original columns + prediction, margin, correct, kind
     predictions_path: str  # Parquet folder: every validation row with prediction / margin / correct
     n_rows: int
     n_errors: int
     n_hard: int
-    metrics: dict  # task metric on the validation set (accuracy / macro_f1, or exact_match / f1), plus n
+    metrics: dict  # the task's metrics on the validation set, plus n
     seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# --- reading -------------------------------------------------------------------------------------------
-
-def read_rows(path: str | Path):
-    """A Ray Dataset over a Parquet / JSONL (optionally .gz) / CSV file or a folder of them."""
-    import ray.data
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"validation set {p} does not exist (data.validation in the run config)")
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    names = [f.name.lower() for f in files if not f.name.startswith((".", "_"))]
-    if not names:
-        raise ValueError(f"validation set folder {p} holds no data files")
-    if all(n.endswith(".parquet") for n in names):
-        return _read_parquet(str(p), n_files=len(names))
-    if all(n.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")) for n in names):
-        return ray.data.read_json(str(p), lines=True)
-    if all(n.endswith((".csv", ".csv.gz")) for n in names):
-        return ray.data.read_csv(str(p))
-    raise ValueError(
-        f"validation set {p}: expected Parquet, JSONL (.jsonl/.jsonl.gz) or CSV files, found {sorted(set(names))[:5]}"
-    )
-
-
-FOOTER_ACTOR_MIN_FILES = 64  # below this many Parquet files, read footers on the driver (see _read_parquet)
-
-
-def _read_parquet(path: str, n_files: int):
-    """`ray.data.read_parquet`, without a footer-reader actor pool for a handful of files.
-
-    Ray Data's DataSourceV2 Parquet reader starts a pool of FooterReader actors per read, to spread footer
-    reads of thousands of remote files. For a few local files those are fresh worker processes that start
-    at the same moment as the inference actors: on 2 cores they pushed the student's first batch back by 3 s
-    (8.4 s -> 5.6 s from the start of mining; benchmarks/mining_throughput.py). So a small read uses the V1
-    reader, which reads the footers on the driver; the rows still stream in blocks either way. A user's
-    RAY_DATA_USE_DATASOURCE_V2 is respected."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    before = getattr(ctx, "use_datasource_v2", None)  # None: a Ray without the V2 reader
-    if before is None or n_files >= FOOTER_ACTOR_MIN_FILES or "RAY_DATA_USE_DATASOURCE_V2" in os.environ:
-        return ray.data.read_parquet(path)
-    ctx.use_datasource_v2 = False  # chosen when the read is planned; restored for the caller's other reads
-    try:
-        return ray.data.read_parquet(path)
-    finally:
-        ctx.use_datasource_v2 = before
-
-
-# --- metrics -------------------------------------------------------------------------------------------
-
-def macro_f1_from_counts(counts: dict[tuple[str, str], int], labels: list[str] | None) -> dict[str, float]:
-    """Accuracy and macro F1 from a (gold, prediction) -> count table (same result as
-    `accuracy_and_macro_f1` over the rows, without the rows)."""
-    n = sum(counts.values())
-    if n == 0:
-        return {"accuracy": float("nan"), "macro_f1": float("nan"), "n": 0}
-    labels = list(labels) if labels else sorted({g for g, _ in counts})
-    correct = sum(c for (g, p), c in counts.items() if g == p)
-    f1s = []
-    for lab in labels:
-        tp = counts.get((lab, lab), 0)
-        fp = sum(c for (g, p), c in counts.items() if p == lab and g != lab)
-        fn = sum(c for (g, p), c in counts.items() if g == lab and p != lab)
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": correct / n, "macro_f1": sum(f1s) / len(f1s), "n": n}
 
 
 # --- per-block work (runs in Ray write tasks, never on the driver) ------------------------------------
@@ -133,17 +67,12 @@ def _with_kind(table: pa.Table, kind: str) -> pa.Table:
     return table.append_column("kind", pa.array([kind] * table.num_rows, pa.string()))
 
 
-def block_summary(table: pa.Table, qa: bool, k: int) -> dict:
-    """What the driver needs from one block: counts, the metric's sufficient statistics, k hard keys."""
+def block_summary(table: pa.Table, task: Task, k: int) -> dict:
+    """What the driver needs from one block: counts, the metric's additive statistics, k hard keys."""
     correct = _array(pc.fill_null(table["correct"], False))
-    out: dict = {"n": table.num_rows, "n_correct": int(pc.sum(correct).as_py() or 0)}
-    if qa:
-        out["f1_sum"] = float(pc.sum(table["f1"]).as_py() or 0.0)
-    else:
-        gold, pred = pc.cast(table["label"], pa.string()), pc.cast(table["prediction"], pa.string())
-        vc = pc.value_counts(_array(pc.binary_join_element_wise(gold, pred, _SEP)))
-        out["confusion"] = dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
-    out["lowest"] = []
+    preds, golds = table["prediction"].to_pylist(), table[task.gold_field].to_pylist()
+    out: dict = {"n": table.num_rows, "n_correct": int(pc.sum(correct).as_py() or 0),
+                 "stats": task.metric_stats(preds, golds), "lowest": []}
     if k > 0:
         cand = pa.table({"margin": pc.cast(table["margin"], pa.float64()), "key": _row_keys(table)}).filter(correct)
         idx = pc.sort_indices(cand, sort_keys=[("margin", "ascending"), ("key", "ascending")])[:k]
@@ -154,20 +83,10 @@ def block_summary(table: pa.Table, qa: bool, k: int) -> dict:
 
 def merge_summaries(parts: list[dict], task: Task, k: int) -> tuple[int, int, dict, tuple | None]:
     """(rows, correct rows, task metric, hard-example cut) from the per-block summaries."""
+    parts = [p for p in parts if p["n"]]
     n = sum(p["n"] for p in parts)
     n_correct = sum(p["n_correct"] for p in parts)
-    if task.type == "extractive_qa":
-        # The predictor's QA `correct` is SQuAD exact match and `f1` its token F1 (s3ray.tasks.qa).
-        f1 = sum(p["f1_sum"] for p in parts)
-        metrics = {"exact_match": n_correct / n, "f1": f1 / n, "n": n} if n else {
-            "exact_match": float("nan"), "f1": float("nan"), "n": 0}
-    else:
-        counts: dict[tuple[str, str], int] = {}
-        for p in parts:
-            for key, c in p["confusion"].items():
-                pair = tuple(key.split(_SEP, 1))
-                counts[pair] = counts.get(pair, 0) + int(c)
-        metrics = macro_f1_from_counts(counts, task.labels)
+    metrics = task.metrics_from_stats(merge_stats(p["stats"] for p in parts))
     lowest = heapq.nsmallest(k, (tuple(x) for p in parts for x in p["lowest"])) if k > 0 else []
     return n, n_correct, metrics, (lowest[-1] if lowest else None)
 
@@ -180,12 +99,19 @@ def _below_cut(batch: pa.Table, margin: float, key: str) -> pa.Table:
     return _with_kind(batch.filter(keep), "hard")
 
 
-def _prediction_sink(pred_dir: Path, err_dir: Path, qa: bool, k: int):
+def write_part(table: pa.Table, folder: Path, name: str) -> None:
+    """Write `folder/name` atomically: a hidden temp file, then a rename (readers skip dot-files)."""
+    tmp = folder / f".{name}.{uuid.uuid4().hex}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, folder / name)
+
+
+def _prediction_sink(pred_dir: Path, err_dir: Path, task: Task, k: int):
     """A Ray Data Datasink writing each block's predictions and errors, returning its summary."""
-    from ray.data import Datasink
+    from ray.data import Datasink  # Ray stays out of the core's imports; this module is its Ray Data edge
     from ray.data.block import BlockAccessor
 
-    needed = ["prediction", "margin", "correct"] + (["f1"] if qa else ["label"])
+    needed = ["prediction", "margin", "correct", task.gold_field]
 
     class PredictionSink(Datasink):
         def __init__(self):
@@ -200,20 +126,20 @@ def _prediction_sink(pred_dir: Path, err_dir: Path, qa: bool, k: int):
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             tables = [t for t in tables if t.num_rows]
             if not tables:
-                return {"n": 0, "n_correct": 0, "f1_sum": 0.0, "confusion": {}, "lowest": [], "schema": None}
+                return {"n": 0, "n_correct": 0, "stats": {}, "lowest": [], "schema": None}
             table = pa.concat_tables(tables, promote_options="default")
             missing = [c for c in needed if c not in table.column_names]
             if missing:
                 raise ValueError(
                     f"the student predictor's output lacks {missing} (got {table.column_names}); mining needs "
-                    f"the validation rows' gold column {'answer' if qa else 'label'!r}"
+                    f"the validation rows' gold column {task.gold_field!r}"
                 )
-            name = f"part-{uuid.uuid4().hex}.parquet"
-            pq.write_table(table, pred_dir / name)
+            name = f"part-{ctx.task_idx:06d}.parquet"  # one name per write task: a retry replaces it
+            write_part(table, pred_dir, name)
             errors = table.filter(pc.invert(pc.fill_null(table["correct"], False)))
             if errors.num_rows:
-                pq.write_table(_with_kind(errors, "error"), err_dir / name)
-            return {**block_summary(table, qa, k), "schema": table.schema.serialize().to_pybytes()}
+                write_part(_with_kind(errors, "error"), err_dir, name)
+            return {**block_summary(table, task, k), "schema": table.schema.serialize().to_pybytes()}
 
         def on_write_complete(self, write_result) -> None:
             self.summaries = list(write_result.write_returns)
@@ -239,10 +165,8 @@ def inference_pool(use_gpu: bool, concurrency: int | str) -> dict:
     starve those tasks) and gets its share of the real cores as OMP_NUM_THREADS (a user's own setting
     wins); across nodes it reserves its threads as CPUs so Ray spreads the actors. GPU 'auto' grows from
     one actor to one per GPU as GPUs are free (a teacher replica may hold some)."""
-    import ray
+    import ray  # see _prediction_sink
     from ray.data import ActorPoolStrategy
-
-    from s3ray.runtime import alive_nodes, cap_to_local_cores
 
     if use_gpu:
         gpus = max(1, int(ray.cluster_resources().get("GPU", 1)))
@@ -275,6 +199,19 @@ def _ensure_schema_file(folder: Path, schema: pa.Schema) -> None:
         pq.write_table(schema.empty_table(), folder / "empty.parquet")
 
 
+def _add_hard_examples(pred_dir: Path, err_dir: Path, cut: tuple, expected: int, schema) -> int:
+    """Second pass, only for hard examples: the correct rows under the global (margin, id) cut, written
+    beside the errors. Returns how many were written."""
+    hard = read_dataset(pred_dir).map_batches(
+        _below_cut, fn_kwargs={"margin": cut[0], "key": cut[1]}, batch_format="pyarrow"
+    )
+    hard.write_parquet(str(err_dir))  # Ray names files by write task: a retried task rewrites its own file
+    if schema is not None and "id" not in schema.names:
+        # Without ids, rows tied at the cut's margin are all kept: count what was written.
+        return read_dataset(err_dir).filter(expr="kind == 'hard'").count()
+    return expected
+
+
 def mine_errors(
     checkpoint: str,
     validation_path: str,
@@ -289,9 +226,12 @@ def mine_errors(
 
     Hard examples (`mining_cfg.hard_examples` > 0) are the correct rows with the smallest margin, ties
     broken by row id. `predictor_cls` defaults to `s3ray.student.predict.StudentPredictor` (a callable class
-    over numpy batches that adds prediction / margin / correct, and f1 for QA). Ray must be initialised.
+    over numpy batches that adds prediction / margin and the task's `score_rows` columns); it is built with
+    the caller's `task`. Re-running into the same `out_dir` replaces the earlier result. Ray must be
+    initialised.
     """
     if predictor_cls is None:
+        # torch and transformers load only when mining runs (the predictor module imports them).
         from s3ray.student.predict import StudentPredictor as predictor_cls
 
     t0 = time.perf_counter()
@@ -303,7 +243,7 @@ def mine_errors(
     # 1. Inference. Small blocks (a few batches each) so every actor gets work and writing overlaps
     # inference even when the set is one file; this re-blocking streams (no shuffle, no barrier).
     use_gpu = bool(student_cfg.use_gpu)
-    ds = read_rows(validation_path).repartition(
+    ds = read_dataset(validation_path).repartition(
         target_num_rows_per_block=ROWS_PER_BLOCK_BATCHES * mining_cfg.batch_size
     )
     ds = ds.map_batches(
@@ -312,29 +252,20 @@ def mine_errors(
             "checkpoint": str(checkpoint),
             "batch_size": mining_cfg.batch_size,
             "device": "cuda" if use_gpu else "cpu",
+            "task": task,
         },
         batch_size=mining_cfg.batch_size,
         batch_format="numpy",
         **inference_pool(use_gpu, mining_cfg.concurrency),
     )
     log.info("mining errors: %s over %s", checkpoint, validation_path)
-    qa, k = task.type == "extractive_qa", mining_cfg.hard_examples
-    sink = _prediction_sink(pred_dir, err_dir, qa, k)
+    k = mining_cfg.hard_examples
+    sink = _prediction_sink(pred_dir, err_dir, task, k)
     ds.write_datasink(sink)
     n_rows, n_correct, metrics, cut = merge_summaries(sink.summaries, task, k)
     t_pred = time.perf_counter() - t0
 
-    n_hard = 0
-    if cut is not None:
-        # Second pass, only for hard examples: the correct rows under the global (margin, id) cut.
-        hard = read_rows(pred_dir).map_batches(
-            _below_cut, fn_kwargs={"margin": cut[0], "key": cut[1]}, batch_format="pyarrow"
-        )
-        hard.write_parquet(str(err_dir))
-        n_hard = min(k, n_correct)
-        if sink.schema is not None and "id" not in sink.schema.names:
-            # Without ids, rows tied at the cut's margin are all kept: count what was written.
-            n_hard = read_rows(err_dir).filter(expr="kind == 'hard'").count()
+    n_hard = 0 if cut is None else _add_hard_examples(pred_dir, err_dir, cut, min(k, n_correct), sink.schema)
     if sink.schema is not None:
         _ensure_schema_file(err_dir, sink.schema.append(pa.field("kind", pa.string())))
 
