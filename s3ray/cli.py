@@ -1,4 +1,7 @@
-"""The `s3ray` command line."""
+"""The `s3ray` command line.
+
+Each command imports what it needs inside its function, so `s3ray --help` and bad-argument errors answer at
+once instead of after importing Ray, torch and pyarrow."""
 
 from __future__ import annotations
 

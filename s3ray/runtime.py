@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+import ray
+
 from s3ray.storage import STORAGE_ENV_VARS
 
 log = logging.getLogger("s3ray")
@@ -24,8 +26,6 @@ def local_cores() -> int:
 
 def alive_nodes() -> list[dict]:
     """The Ray cluster's live nodes (`ray.nodes()` entries). Ray must be initialised."""
-    import ray
-
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
@@ -103,8 +103,6 @@ def without_job_conflicts(ours: dict, job: dict) -> dict:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     """Join `address` when given, else start a local cluster. Idempotent."""
-    import ray
-
     if ray.is_initialized():
         return
     env_vars = {k: os.environ[k] for k in _JOB_ENV_VARS if k in os.environ}

@@ -120,7 +120,7 @@ def build_report(run: RunDir) -> dict:
 
 
 def _plot(report: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: only the plot needs it, and Agg must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -18,8 +18,10 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+import pyarrow as pa
+
 from s3ray.config import ConfigError, S3Config, StudentConfig
-from s3ray.data.load import card_labels, load_rows, split_holdout
+from s3ray.data.load import DataError, card_labels, load_rows, split_holdout
 from s3ray.mining import mine_errors, read_errors
 from s3ray.models import resolve_student
 from s3ray.pipeline import steps
@@ -52,8 +54,6 @@ class RunInputs:
 
 def prepare_inputs(cfg: S3Config, resolve_models: bool = True) -> RunInputs:
     """Load and validate data and models; raises DataError/ModelNotFound/ConfigError with the fix."""
-    from s3ray.data.load import DataError
-
     for name in ("validation", "test", "contexts"):
         path = getattr(cfg.data, name)
         if path and not Path(path).expanduser().exists():
@@ -323,6 +323,4 @@ def _run_steps(s3: S3Steps, step: StepRecorder) -> None:
 
 
 def _real_table(rows: list[dict]):
-    import pyarrow as pa
-
     return pa.Table.from_pylist(rows)

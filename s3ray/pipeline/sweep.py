@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 
 from s3ray.config import S3Config
+from s3ray.pipeline.s3 import prepare_inputs, run_s3
 
 log = logging.getLogger("s3ray")
 
@@ -26,8 +27,6 @@ def seed_config(cfg: S3Config, seed: int) -> S3Config:
 
 
 def run_sweep(cfg: S3Config, seeds: list[int], resume: bool = False) -> dict:
-    from s3ray.pipeline.s3 import prepare_inputs, run_s3
-
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"--seeds: give distinct seeds, e.g. 0,1,2 (got {seeds})")
     for seed in seeds:

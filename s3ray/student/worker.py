@@ -54,6 +54,7 @@ def _save_best(strategy, tokenizer, dest: Path, config: dict, task, cfg, epoch: 
 
 def _setup(config: dict):
     """(cfg, task, head, strategy, tokenizer, sampler, rank, world, val_rows) for this worker."""
+    # Imported in the worker: Ray Train's controller unpickles this module, which must not pull in torch.
     import ray
     import ray.train
     import torch
@@ -85,6 +86,7 @@ def train_loop(config: dict) -> None:
     """Runs in every Ray Train worker: build the model, train, validate each epoch, report; rank 0 hands the
     best epoch's folder to Ray Train as the run's checkpoint."""
     t_enter = time.time()
+    # Imported in the worker (see _setup).
     import numpy as np
     import ray.train
     import torch.distributed as dist

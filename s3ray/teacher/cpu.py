@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 
 from s3ray.config import TeacherConfig
+from s3ray.runtime import has_cuda
 
 log = logging.getLogger("s3ray.teacher")
 
 
 def on_cpu() -> bool:
     """True without CUDA (vLLM's CPU build)."""
-    from s3ray.runtime import has_cuda
-
     return not has_cuda()
 
 
