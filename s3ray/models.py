@@ -45,7 +45,7 @@ def _package_dir(module: str, spec: str) -> Path:
 
 def _convert_smollm2(dest: Path) -> Path:
     """GGUF -> HF folder. transformers dequantizes the GGUF; its model can't be saved directly, so the
-    weights are copied into a fresh LlamaForCausalLM (STACK.md)."""
+    weights are copied into a fresh LlamaForCausalLM (docs/stack.md)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 

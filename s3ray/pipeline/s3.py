@@ -1,4 +1,4 @@
-"""The Synthesis Step by Step loop (METHOD.md), one function per step, each resumable.
+"""The Synthesis Step by Step loop (docs/method.md), one method per step, each resumable.
 
     rationales -> seed synthesis -> [train student -> test -> mine errors -> extrapolate errors] x R -> train
 

@@ -45,13 +45,6 @@ class SynthesisStats:
             "cached": self.cached,
         }
 
-    @classmethod
-    def from_dict(cls, d: dict) -> SynthesisStats:
-        return cls(
-            d["requested"], d["kept"], d["failed_calls"], Counter(d["dropped"]),
-            d["prompt_tokens"], d["output_tokens"], d.get("cached", 0),
-        )
-
 
 def _count_tokens(stats: SynthesisStats, results) -> None:
     for res in results:

@@ -1,6 +1,6 @@
 """Serve the teacher over the OpenAI API with vLLM (`s3ray serve`), and wait for such a server.
 
-`vllm serve` fails with the CPU build (it looks up package metadata named `vllm`, STACK.md), so the server
+`vllm serve` fails with the CPU build (it looks up package metadata named `vllm`, docs/stack.md), so the server
 runs as `python -m vllm.entrypoints.openai.api_server`, which both builds provide. The served model name is
 the `--model` argument, which is what `OpenAIEngine` sends when given the same model path.
 """
