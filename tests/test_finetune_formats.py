@@ -1,0 +1,74 @@
+"""Training formats for all three task families: prompts, completions, and loss only on the completion."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from s3ray.config import TaskConfig
+from s3ray.finetune.formats import IGNORE, encode, render_prompt, training_pairs
+from s3ray.tasks import make_task
+
+CLS_ROW = {"text": "a gripping, funny and warm film", "label": "positive"}
+PAIR_ROW = {"text_a": "Duke University is in Durham, the City of Medicine.", "text_b": "Duke is in Durham.",
+            "label": "entailment"}
+QA_ROW = {"context": "The Hoppings funfair is held on the Town Moor every June.", "question":
+          "When is the Hoppings held?", "answer": "June", "answer_start": 51}
+
+
+def _task(kind):
+    if kind == "classification":
+        return make_task(TaskConfig(type="classification"), ["negative", "positive"]), CLS_ROW
+    if kind == "pair":
+        return make_task(TaskConfig(type="pair", description="premise"), ["entailment", "not_entailment"]), PAIR_ROW
+    return make_task(TaskConfig(type="extractive_qa", description="paragraph"), None), QA_ROW
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_teacher_dir):
+    return AutoTokenizer.from_pretrained(tiny_teacher_dir)
+
+
+@pytest.mark.parametrize("kind", ["classification", "pair", "extractive_qa"])
+def test_both_directions_for_every_family(kind, tok):
+    task, row = _task(kind)
+    ann, gen = training_pairs(task, [row], "both")
+    # annotation: the inputs are in the prompt, the label (QA: the answer) is the completion
+    if kind == "extractive_qa":
+        assert row["question"] in ann.messages[-1]["content"] and ann.completion == "June"
+        # generation: paragraph + answer -> the question
+        assert "June" in gen.messages[-1]["content"] and gen.completion == row["question"]
+    elif kind == "pair":
+        assert row["text_b"] in ann.messages[-1]["content"] and ann.completion == "entailment"
+        assert row["text_a"] in gen.messages[-1]["content"] and "entailment" in gen.messages[-1]["content"]
+        assert row["text_b"] not in gen.messages[-1]["content"] and gen.completion == row["text_b"]
+    else:
+        assert row["text"] in ann.messages[-1]["content"] and ann.completion == "positive"
+        assert "movie review" in gen.messages[-1]["content"] and "positive" in gen.messages[-1]["content"]
+        assert gen.completion == row["text"]
+
+
+@pytest.mark.parametrize("kind", ["classification", "pair", "extractive_qa"])
+def test_loss_only_on_the_completion_and_template_used(kind, tok):
+    task, row = _task(kind)
+    for pair in training_pairs(task, [row], "both"):
+        enc = encode(tok, pair, 512)
+        prompt = render_prompt(tok, pair.messages)
+        assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
+        n_prompt = sum(1 for x in enc["labels"] if x == IGNORE)
+        assert enc["labels"][:n_prompt] == [IGNORE] * n_prompt and IGNORE not in enc["labels"][n_prompt:]
+        assert tok.decode(enc["input_ids"][:n_prompt]) == prompt
+        target = tok.decode(enc["labels"][n_prompt:])
+        assert target == pair.completion + "<|im_end|>\n"  # the turn's end marker teaches the model to stop
+
+
+def test_plain_layout_without_chat_template_and_long_prompts_cut_at_the_front(tiny_teacher_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    tok.chat_template = None
+    task, row = _task("classification")
+    pair = training_pairs(task, [{**row, "text": "long " * 300}], "annotate")[0]
+    enc = encode(tok, pair, 64)
+    assert len(enc["input_ids"]) == 64
+    decoded = tok.decode(enc["input_ids"])
+    assert decoded.endswith("### Response:\npositive" + tok.eos_token)
+    assert encode(tok, training_pairs(task, [row], "generate")[0], 3) is None  # completion alone too long
