@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 META_FILE = "s3ray_teacher.json"
+ADAPTER_DIR = "adapter"
 
 
 def export_from_worker(engine, config: dict, rank: int, history: list) -> None:
@@ -30,11 +31,12 @@ def export_from_worker(engine, config: dict, rank: int, history: list) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="s3ray-ft-export-") as d:
         module = engine.module
-        if t["method"] == "lora" and config["lora"]["export"] == "adapter":
-            module.save_pretrained(d)  # adapter_config.json + adapter_model.safetensors
-        elif t["method"] == "lora":
-            merged = module.merge_and_unload()
-            merged.save_pretrained(d, safe_serialization=True)
+        if t["method"] == "lora":
+            # The adapter always (adapter_config.json + adapter_model.safetensors, for LoRA serving on the
+            # base), and the merged weights beside it unless only the adapter is wanted.
+            module.save_pretrained(Path(d) / ADAPTER_DIR)
+            if config["lora"]["export"] == "merged":
+                module.merge_and_unload().save_pretrained(d, safe_serialization=True)
         else:
             module.save_pretrained(d, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(config["model_path"]).save_pretrained(d)
@@ -52,4 +54,5 @@ def read_meta(folder: str | Path) -> dict:
 
 
 def is_adapter(folder: str | Path) -> bool:
-    return (Path(folder) / "adapter_config.json").is_file()
+    """True when the folder holds only a LoRA adapter (no merged weights to serve on their own)."""
+    return not (Path(folder) / "config.json").is_file() and (Path(folder) / ADAPTER_DIR).is_dir()
