@@ -143,3 +143,26 @@ def test_cli_plan_prints_plan_and_deepspeed_config():
          "--plan", "--set", "hardware.nodes=1", "--set", "hardware.gpus_per_node=1"],
         check=False, capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1 and "DOES NOT FIT" in bad.stdout and "nearest setting" in bad.stdout
+
+
+def test_recipe_preflight_names_data_problems_before_training(tmp_path, tiny_teacher_dir):
+    from s3ray.data.load import DataError
+    from s3ray.finetune.recipe import preflight
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "a fine film", "label": "positive"}\n{"text": "dull", "label": "negative"}\n')
+    base = {"run": {"output_dir": str(tmp_path / "run")}, "task": {"labels": ["negative", "positive"]},
+            "model": {"path": str(tiny_teacher_dir)}, "data": {"train": str(train)}}
+    with pytest.raises(ConfigError, match="data.pool"):
+        preflight(finetune_config_from_dict(base))
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"text": "ok"}\n{"review": "no text field"}\n')
+    with pytest.raises(DataError, match=r"data.pool .* row 1: fields \['text'\]"):
+        preflight(finetune_config_from_dict({**base, "data": {"train": str(train), "pool": str(pool)}}))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a fine film", "label": "great"}\n')
+    with pytest.raises(DataError, match="great"):
+        preflight(finetune_config_from_dict({**base, "mode": "none", "data": {"train": str(bad)}}))
+    with pytest.raises(ConfigError, match="model.path"):
+        preflight(finetune_config_from_dict({**base, "model": {"preset": "gpt-neox-20b"}}))
+    assert not (tmp_path / "run").exists()  # nothing started

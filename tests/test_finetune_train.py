@@ -127,6 +127,7 @@ def test_recipe_resume_skips_finished_steps(zero3):
 
 
 def test_lora_merges_for_serving_and_the_adapter_serves_on_its_base(ray_local, neox_dir, tmp_path):
+    pytest.importorskip("peft", reason="LoRA needs peft (a dependency in pyproject.toml)")
     cfg = _cfg(tmp_path, neox_dir, method="lora", zero_stage=0, learning_rate=1e-2, epochs=4)
     cfg.lora.rank = 8
     res = finetune_teacher(cfg, keyword_rows(32), TASK, tmp_path / "out")

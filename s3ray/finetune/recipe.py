@@ -104,8 +104,26 @@ def _generate_step(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> dict:
     return {"requested": len(jobs), "kept": len(new), "dropped": dict(dropped), "rows": path}
 
 
+def preflight(cfg: FinetuneConfig) -> None:
+    """Every config and data mistake the run would hit, found before any model loads: the memory plan,
+    the labelled rows, the pool, and labels for annotation."""
+    from s3ray.finetune.train import check_can_train
+
+    check_can_train(cfg)
+    if not cfg.data.train:
+        raise ConfigError("data.train: the labelled rows to fine-tune on are required")
+    task, _ = _task_and_rows(cfg, "train", cfg.data.train, cfg.data.train_size)
+    if cfg.mode == "annotate":
+        if not cfg.data.pool:
+            raise ConfigError("mode=annotate needs data.pool (the unlabelled rows to label)")
+        if not task.labels:
+            raise ConfigError("mode=annotate needs task.labels (or a card.json with labels beside data.train)")
+        _pool_rows(cfg, task)
+
+
 def run_recipe(cfg: FinetuneConfig, resume: bool = False) -> dict:
     """fine-tune -> annotate | generate -> report.json, each step skipped on --resume once recorded."""
+    preflight(cfg)
     rd = RunDir(cfg.run.output_dir, cfg.model_dump(), resume=resume)
     steps = [("finetune", lambda: _finetune_step(cfg, rd, resume))]
     if cfg.mode == "annotate":

@@ -36,7 +36,8 @@ class FinetuneResult:
     extra: dict = field(default_factory=dict)
 
 
-def _check(cfg: FinetuneConfig) -> None:
+def check_can_train(cfg: FinetuneConfig) -> None:
+    """Config problems that stop a fine-tune, raised before anything starts (the memory plan included)."""
     if not cfg.model.path:
         raise ConfigError("model.path: a local HF causal-LM folder is needed to fine-tune (preset is --plan only)")
     if cfg.training.method == "lora":
@@ -44,6 +45,7 @@ def _check(cfg: FinetuneConfig) -> None:
             import peft  # noqa: F401 - only checks that LoRA can run before any worker starts
         except ImportError:
             raise ConfigError("training.method=lora needs the peft package (pip install peft)") from None
+    require_fit(cfg)
 
 
 def _threads(workers: int) -> int:
@@ -71,8 +73,8 @@ def finetune_teacher(
     from s3ray.finetune.worker import train_loop
     from s3ray.runtime import init_ray
 
-    _check(cfg)
-    plan, text = require_fit(cfg)  # before any model loads
+    check_can_train(cfg)
+    plan, text = require_fit(cfg)
     log.info("memory plan:\n%s", text)
     out_dir = Path(out_dir).resolve()
     storage = out_dir / "ray_train"
