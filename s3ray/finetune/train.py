@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from s3ray.config import ConfigError
-from s3ray.finetune.config import FinetuneConfig, deepspeed_config, require_fit
+from s3ray.finetune.config import FinetuneConfig, deepspeed_config, model_dir, require_fit
 from s3ray.finetune.formats import encode_all, training_pairs
 from s3ray.tasks.base import Task
 
@@ -81,7 +81,8 @@ def finetune_teacher(
     if storage.exists() and not resume:
         shutil.rmtree(storage)  # a fresh fine-tune: Ray Train would otherwise restore the old run
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=False)
+    path = model_dir(cfg)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     encoded, dropped = encode_all(tok, training_pairs(task, rows, cfg.training.format), cfg.training.seq_len)
     if not encoded:
         raise ConfigError(f"no training example fits training.seq_len={cfg.training.seq_len}; raise it")
@@ -96,7 +97,7 @@ def finetune_teacher(
         train_loop,
         train_loop_config={
             "training": cfg.training.model_dump(), "lora": cfg.lora.model_dump(),
-            "ds_config": deepspeed_config(cfg, workers), "model_path": str(Path(cfg.model.path).resolve()),
+            "ds_config": deepspeed_config(cfg, workers), "model_path": path,
             "data_ref": ray.put(encoded), "pad_id": tok.pad_token_id if tok.pad_token_id is not None else 0,
             "seed": cfg.run.seed, "threads": threads, "stop_after_steps": stop_after_steps,
             "task_meta": {"type": task.type, "labels": task.labels, "description": task.description},
@@ -107,7 +108,7 @@ def finetune_teacher(
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     log.info("fine-tuning %s on %d examples: %d worker(s) x %d CPU, %s, ZeRO-%d",
-             cfg.model.path, len(encoded), workers, threads, cfg.training.method, cfg.training.zero_stage)
+             path, len(encoded), workers, threads, cfg.training.method, cfg.training.zero_stage)
     result = trainer.fit()
     if getattr(result, "error", None):
         raise RuntimeError("teacher fine-tune: Ray Train failed") from result.error
