@@ -72,3 +72,26 @@ def test_plain_layout_without_chat_template_and_long_prompts_cut_at_the_front(ti
     decoded = tok.decode(enc["input_ids"])
     assert decoded.endswith("### Response:\npositive" + tok.eos_token)
     assert encode(tok, training_pairs(task, [row], "generate")[0], 3) is None  # completion alone too long
+
+
+def test_micro_schedule_is_even_across_ranks_covers_every_row_and_repeats_for_a_resume():
+    from s3ray.finetune.worker import micro_schedule
+
+    ranks = [micro_schedule(13, 2, r, micro_batch=4, epochs=2, seed=7) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4  # ceil(13 / 2) = 7 rows -> 2 micro-batches per epoch
+    first_epoch = [i for r in ranks for mb in r[:2] for i in mb]
+    assert set(first_epoch) == set(range(13))  # every row seen once (one repeat pads the short shard)
+    assert micro_schedule(13, 2, 0, 4, 2, seed=7) == ranks[0]
+    assert micro_schedule(13, 2, 0, 4, 2, seed=8) != ranks[0]
+
+
+def test_deepspeed_config_follows_the_training_section():
+    from s3ray.finetune.config import deepspeed_config, finetune_config_from_dict
+
+    cfg = finetune_config_from_dict({"model": {"preset": "gpt-neox-20b"}, "training": {
+        "zero_stage": 3, "offload_optimizer": True, "offload_params": True, "micro_batch": 2, "grad_accum": 3}})
+    ds = deepspeed_config(cfg, world=8)
+    assert ds["train_batch_size"] == 2 * 3 * 8 and ds["bf16"]["enabled"]
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert z["stage3_gather_16bit_weights_on_model_save"]  # export gathers 16-bit weights from the shards

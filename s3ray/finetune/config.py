@@ -55,8 +55,7 @@ class FtTrainingConfig(_Strict):
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (constant after warm-up).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up optimizer steps.")
     epochs: int = Field(1, ge=1, description="Passes over the labelled rows.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps in all "
-                                  "(resume continues to the end). None: epochs decide.")
+    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps in all. None: epochs decide.")
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between Ray Train checkpoints.")
     num_workers: int | None = Field(None, ge=1, description="Ray Train workers. None: hardware GPUs in all.")
     use_gpu: bool = Field(False, description="One GPU per worker (False: CPU workers over gloo).")
