@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
         results = {name: _one(name, model, rows, work, args) for name in VARIANTS}
     out = {
         "machine": {"platform": platform.platform(), "cores": os.cpu_count()},
-        "setup": {"model": "tiny GPT-NeoX (2 layers, hidden 64)", "workers": 2, **vars(args)},
+        "setup": {"model": "tiny GPT-NeoX (2 layers, hidden 64)", "workers": 2,
+                  **{k: v for k, v in vars(args).items() if k != "out"}},
         "results": results,
         "ratios": {"zero3_over_zero2": results["zero3"]["tokens_per_s"] / results["zero2"]["tokens_per_s"],
                    "lora_over_zero2": results["lora"]["tokens_per_s"] / results["zero2"]["tokens_per_s"]},
