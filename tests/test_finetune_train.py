@@ -39,24 +39,29 @@ def neox_dir(session_tmp) -> Path:
     return dest
 
 
-def _cfg(tmp: Path, model: Path, **training) -> object:
+def _cfg(tmp: Path, model: Path, student: dict | None = None, **training) -> object:
     return finetune_config_from_dict({
+        "student": student,
         "run": {"output_dir": str(tmp / "run")},
         "task": {"type": "classification", "labels": LABELS},
         "model": {"path": str(model)},
         "training": {"num_workers": 2, "micro_batch": 4, "seq_len": 128, "learning_rate": 3e-3, "epochs": 3,
                      "checkpoint_every": 4, **training},
         "data": {"train": _jsonl(tmp / "train.jsonl", keyword_rows(32)),
-                 "pool": _jsonl(tmp / "pool.jsonl", keyword_rows(24, offset=300))},
+                 "pool": _jsonl(tmp / "pool.jsonl", keyword_rows(24, offset=300)),
+                 "validation": _jsonl(tmp / "val.jsonl", keyword_rows(12, offset=900))},
         "annotate": {"threshold": 0.6},
     })
 
 
 @pytest.fixture(scope="module")
-def zero3(ray_local, neox_dir, tmp_path_factory):
-    """An interrupted ZeRO-3 fine-tune (stopped after 5 steps), then the recipe resuming it and annotating."""
+def zero3(ray_local, neox_dir, tiny_student_dir, tmp_path_factory):
+    """An interrupted ZeRO-3 fine-tune (stopped after 5 steps), then the recipe resuming it, annotating the
+    pool and training a (fast, embedding-head) student on the kept rows."""
     tmp = tmp_path_factory.mktemp("zero3")
-    cfg = _cfg(tmp, neox_dir, zero_stage=3, format="both")
+    student = {"model": str(tiny_student_dir), "kind": "embedding_head", "epochs": 2, "batch_size": 8,
+               "max_length": 32}
+    cfg = _cfg(tmp, neox_dir, student=student, zero_stage=3, format="both")
     stopped = finetune_teacher(cfg, keyword_rows(32), TASK, cfg.run.output_dir, stop_after_steps=5)
     report = run_recipe(cfg, resume=True)
     return cfg, stopped, report
@@ -108,6 +113,12 @@ def test_annotation_labels_the_pool_with_agreement_and_coverage(zero3):
 
     kept = pq.read_table(rep["rows"]).to_pylist()
     assert len(kept) == rep["kept"] and all(k["confidence"] >= 0.6 and k["label"] in LABELS for k in kept)
+
+
+def test_the_annotated_rows_train_the_student(zero3):
+    rep = zero3[2]["steps"]
+    assert rep["student"]["n_train"] == rep["annotate"]["kept"]
+    assert rep["student"]["val_metrics"]["n"] == 12 and Path(rep["student"]["checkpoint"]).is_dir()
 
 
 def test_generation_writes_parsed_rows_and_counts_the_rest(zero3):

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from s3ray.config import ConfigError, RayConfig, TaskConfig, parse_overrides
+from s3ray.config import ConfigError, RayConfig, StudentConfig, TaskConfig, parse_overrides
 from s3ray.finetune.plan import Setting
 
 
@@ -90,6 +90,8 @@ class FtDataConfig(_Strict):
     pool: str | None = Field(None, description="Unlabelled (or gold-labelled, to measure agreement) inputs "
                              "for mode=annotate.")
     pool_size: int | None = Field(None, ge=1, description="Annotate this many pool rows. None: all.")
+    validation: str | None = Field(None, description="Real labelled rows to pick the student's best epoch on "
+                                   "(needed with a student section).")
 
 
 class FtAnnotateConfig(_Strict):
@@ -120,6 +122,8 @@ class FinetuneConfig(_Strict):
                                                           "data.pool, write new pairs, or nothing.")
     annotate: FtAnnotateConfig = Field(default_factory=FtAnnotateConfig)
     generate: FtGenerateConfig = Field(default_factory=FtGenerateConfig)
+    student: StudentConfig | None = Field(None, description="Train this student on the annotated/generated "
+                                          "rows (s3ray.student.train_student). None: no student step.")
 
     @model_validator(mode="after")
     def _cross(self) -> FinetuneConfig:
@@ -132,6 +136,8 @@ class FinetuneConfig(_Strict):
             raise ValueError("training.method=lora: use zero_stage 0 (DDP) or 2; ZeRO-3 is for full fine-tunes")
         if t.dtype == "fp16" and not t.use_gpu:
             raise ValueError("training.dtype=fp16 needs training.use_gpu=true; on CPUs use bf16 or fp32")
+        if self.student is not None and (self.mode == "none" or not self.data.validation):
+            raise ValueError("student: needs mode annotate or generate (its rows) and data.validation")
         if self.mode == "annotate" and self.task.type == "extractive_qa":
             raise ValueError("mode=annotate labels classification/pair pools; use mode=generate for extractive_qa")
         return self

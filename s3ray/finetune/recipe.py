@@ -104,6 +104,22 @@ def _generate_step(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> dict:
     return {"requested": len(jobs), "kept": len(new), "dropped": dict(dropped), "rows": path}
 
 
+def _student_step(cfg: FinetuneConfig, rd: RunDir, rows_path: str | None) -> dict:
+    """Hand the teacher's rows to the student (s3ray.student.train_student) and report its validation score."""
+    from s3ray.models import resolve_student
+    from s3ray.student import train_student
+
+    if rows_path is None:
+        return {"skipped": "the teacher produced no rows"}
+    task, val = _task_and_rows(cfg, "validation", cfg.data.validation, None)
+    keep = (*task.fields, "label", "answer_start")
+    rows = [{k: r[k] for k in keep if k in r} for r in rd.read_parquet(Path(rows_path).name)]
+    res = train_student(rows, val, task, cfg.student, resolve_student(cfg.student.model), rd.path / "student",
+                        cfg.run.seed, desc="finetuned-teacher student")
+    return {"checkpoint": res.checkpoint, "n_train": res.n_train, "best_epoch": res.best_epoch,
+            "val_metrics": res.val_metrics}
+
+
 def preflight(cfg: FinetuneConfig) -> None:
     """Every config and data mistake the run would hit, found before any model loads: the memory plan,
     the labelled rows, the pool, and labels for annotation."""
@@ -119,6 +135,8 @@ def preflight(cfg: FinetuneConfig) -> None:
         if not task.labels:
             raise ConfigError("mode=annotate needs task.labels (or a card.json with labels beside data.train)")
         _pool_rows(cfg, task)
+    if cfg.student is not None:
+        _task_and_rows(cfg, "validation", cfg.data.validation, None)
 
 
 def run_recipe(cfg: FinetuneConfig, resume: bool = False) -> dict:
@@ -130,6 +148,9 @@ def run_recipe(cfg: FinetuneConfig, resume: bool = False) -> dict:
         steps.append(("annotate", lambda: _annotate_step(cfg, rd, rd.result("finetune")["export_dir"])))
     elif cfg.mode == "generate":
         steps.append(("generate", lambda: _generate_step(cfg, rd, rd.result("finetune")["export_dir"])))
+    if cfg.student is not None:
+        made = "annotate" if cfg.mode == "annotate" else "generate"
+        steps.append(("student", lambda: _student_step(cfg, rd, rd.result(made)["rows"])))
     for name, fn in steps:
         if rd.done(name):
             log.info("%s: done in an earlier run, skipped", name)
