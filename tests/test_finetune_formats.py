@@ -95,3 +95,24 @@ def test_deepspeed_config_follows_the_training_section():
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     assert z["stage3_gather_16bit_weights_on_model_save"]  # export gathers 16-bit weights from the shards
+
+
+@pytest.mark.parametrize("kind", ["pair", "extractive_qa"])
+def test_generation_jobs_keep_real_contexts_and_every_reply_is_kept_or_counted(kind, tiny_teacher_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from s3ray.finetune.generate import generate_rows, generation_jobs
+
+    task, row = _task(kind)
+    jobs = generation_jobs(task, [row], per_label=3, seed=0)
+    if kind == "pair":
+        assert len(jobs) == 3 * 2 and all(c is row for _, c in jobs) and {lab for lab, _ in jobs} == set(task.labels)
+    else:  # a picked answer span of the kept paragraph, no label
+        assert jobs and all(lab is None and c["answer"] in row["context"] for lab, c in jobs)
+    with pytest.raises(ValueError, match="keeps real contexts"):
+        generation_jobs(task, [], per_label=1, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    rows, dropped = generate_rows(model, tok, task, jobs, temperature=1.0, top_p=1.0, max_tokens=12, seed=0)
+    assert len(rows) + sum(dropped.values()) == len(jobs)  # the random teacher's gibberish is counted, not lost

@@ -36,7 +36,8 @@ def _score(model, batch: list[tuple[list[int], list[int]]], pad_id: int) -> list
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
     out = []
     for i, (p, c) in enumerate(batch):
         pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)  # the logits that predict each completion token
@@ -93,7 +94,7 @@ def annotated_rows(task: Task, rows: list[dict], anns: list[Annotation], thresho
 
 
 def load_teacher(folder: str):
-    """The exported teacher for scoring (fp32 on CPU: bf16 log-probs are too coarse to rank labels)."""
+    """The exported teacher for scoring: bf16 on a GPU; fp32 on a CPU, where it is the fast path anyway."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,5 +103,7 @@ def load_teacher(folder: str):
     if is_adapter(folder):
         raise ValueError(f"{folder} is a LoRA adapter; annotate with lora.export=merged")
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
-    return model, tok
+    gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if gpu else torch.float32,
+                                                 trust_remote_code=False).eval()
+    return (model.to("cuda") if gpu else model), tok

@@ -37,7 +37,7 @@ def generate_rows(model, tokenizer, task: Task, jobs: list[tuple], temperature: 
     torch.manual_seed(seed)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
     for label, ctx in jobs:
-        ids = torch.tensor([prompt_ids(tokenizer, generation_messages(task, label, ctx))])
+        ids = torch.tensor([prompt_ids(tokenizer, generation_messages(task, label, ctx))], device=model.device)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=temperature > 0,
                                  temperature=temperature or None, top_p=top_p, max_new_tokens=max_tokens,
