@@ -155,6 +155,13 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_finetune(args) -> int:
+    from s3ray.finetune.recipe import run_from_cli
+
+    _setup_logging(None, args.verbose)
+    return run_from_cli(args.config, args.overrides, plan_only=args.plan, resume=args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s3ray", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -203,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild the report (Markdown, JSON, PNG) of a run directory")
     rep.add_argument("run_dir", help="a run's run.output_dir (holds manifest.json), e.g. runs/sst2-quickstart")
     rep.set_defaults(fn=_cmd_report)
+
+    ft = sub.add_parser("finetune", help="fine-tune the teacher on labelled rows, then annotate or generate")
+    _add_config_args(ft)
+    ft.add_argument("--plan", action="store_true", help="print the memory plan and DeepSpeed config; train nothing")
+    ft.add_argument("--resume", action="store_true", help="continue from the run's last step/checkpoint")
+    ft.set_defaults(fn=_cmd_finetune)
 
     prep = sub.add_parser("prepare-models", help="install-time step: convert the embedded teacher, locate the student")
     prep.set_defaults(fn=_cmd_prepare)

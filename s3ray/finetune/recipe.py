@@ -1,0 +1,162 @@
+"""The chained run: plan -> fine-tune -> export -> annotate or generate -> report, each step recorded in
+the run directory's manifest so `--resume` skips what finished (and the fine-tune resumes from its last
+Ray Train checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from s3ray.config import ConfigError
+from s3ray.data.load import DataError, card_labels, load_rows, read_table
+from s3ray.finetune.config import FinetuneConfig, deepspeed_config, load_finetune_config, require_fit
+from s3ray.pipeline.rundir import RunDir
+from s3ray.tasks import make_task
+
+log = logging.getLogger("s3ray.finetune")
+
+
+def print_plan(cfg: FinetuneConfig) -> int:
+    from s3ray.finetune.config import plan_for
+
+    plan, text = plan_for(cfg)
+    print(text)
+    print("DeepSpeed config:")
+    print(json.dumps(deepspeed_config(cfg, cfg.hardware.gpus_per_node * cfg.hardware.nodes), indent=2))
+    return 0 if plan.fits else 1
+
+
+def run_from_cli(path: str, overrides: list[str], plan_only: bool = False, resume: bool = False) -> int:
+    cfg = load_finetune_config(path, overrides)
+    if plan_only:
+        return print_plan(cfg)
+    require_fit(cfg)
+    rep = run_recipe(cfg, resume=resume)
+    print(json.dumps(rep, indent=2, default=str))
+    return 0
+
+
+def _task_and_rows(cfg: FinetuneConfig, split: str, path: str | None, size: int | None):
+    card_source = path or cfg.data.train or cfg.data.pool
+    labels = cfg.task.labels or (card_labels(card_source) if card_source else None)
+    task = make_task(cfg.task, labels)
+    if path is None:
+        return task, []
+    return task, load_rows(path, task, split, cfg.task.field_map, size=size, seed=cfg.run.seed)
+
+
+def _finetune_step(cfg: FinetuneConfig, rd: RunDir, resume: bool) -> dict:
+    from s3ray.finetune.train import finetune_teacher
+
+    if not cfg.data.train:
+        raise ConfigError("data.train: the labelled rows to fine-tune on are required")
+    task, rows = _task_and_rows(cfg, "train", cfg.data.train, cfg.data.train_size)
+    res = finetune_teacher(cfg, rows, task, rd.path, resume=resume)
+    losses = [h["loss"] for h in res.history]
+    return {"export_dir": res.export_dir, "steps": res.steps, "n_examples": res.n_examples,
+            "dropped_too_long": res.dropped_too_long, "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "wall_seconds": res.wall_seconds}
+
+
+def _annotate_step(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> dict:
+    from s3ray.finetune.annotate import annotate_rows, annotated_rows, annotation_report, load_teacher
+
+    if not cfg.data.pool:
+        raise ConfigError("mode=annotate needs data.pool (the unlabelled rows to label)")
+    task, _ = _task_and_rows(cfg, "train", None, None)
+    pool = _pool_rows(cfg, task)
+    model, tok = load_teacher(export_dir)
+    anns = annotate_rows(model, tok, task, pool, cfg.annotate.batch_size)
+    rep = annotation_report(task, pool, anns, cfg.annotate.threshold)
+    kept = annotated_rows(task, pool, anns, cfg.annotate.threshold)
+    rep["rows"] = rd.write_parquet("annotated.parquet", pa.Table.from_pylist(kept)) if kept else None
+    return rep
+
+
+def _pool_rows(cfg: FinetuneConfig, task) -> list[dict]:
+    """Pool rows need the task's input fields; a gold label is kept when present (for agreement)."""
+    table = read_table(cfg.data.pool).to_pylist()
+    rows = [{cfg.task.field_map.get(k, k): v for k, v in r.items()} for r in table]
+    for i, r in enumerate(rows):
+        missing = [f for f in task.fields if not isinstance(r.get(f), str) or not r[f].strip()]
+        if missing:
+            raise DataError(f"data.pool ({cfg.data.pool}) row {i}: fields {missing} are missing or empty")
+    random.Random(cfg.run.seed).shuffle(rows)
+    return rows[: cfg.data.pool_size] if cfg.data.pool_size else rows
+
+
+def _generate_step(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> dict:
+    from s3ray.finetune.annotate import load_teacher
+    from s3ray.finetune.generate import generate_rows, generation_jobs
+
+    task, rows = _task_and_rows(cfg, "train", cfg.data.train, cfg.data.train_size)
+    contexts = _pool_rows(cfg, task) if cfg.data.pool and task.type != "classification" else rows
+    model, tok = load_teacher(export_dir)
+    g = cfg.generate
+    jobs = generation_jobs(task, contexts, g.per_label, cfg.run.seed)
+    new, dropped = generate_rows(model, tok, task, jobs, g.temperature, g.top_p, g.max_tokens, cfg.run.seed)
+    path = rd.write_parquet("generated.parquet", pa.Table.from_pylist(new)) if new else None
+    return {"requested": len(jobs), "kept": len(new), "dropped": dict(dropped), "rows": path}
+
+
+def _student_step(cfg: FinetuneConfig, rd: RunDir, rows_path: str | None) -> dict:
+    """Hand the teacher's rows to the student (s3ray.student.train_student) and report its validation score."""
+    from s3ray.models import resolve_student
+    from s3ray.student import train_student
+
+    if rows_path is None:
+        return {"skipped": "the teacher produced no rows"}
+    task, val = _task_and_rows(cfg, "validation", cfg.data.validation, None)
+    keep = (*task.fields, "label", "answer_start")
+    rows = [{k: r[k] for k in keep if k in r} for r in rd.read_parquet(Path(rows_path).name)]
+    res = train_student(rows, val, task, cfg.student, resolve_student(cfg.student.model), rd.path / "student",
+                        cfg.run.seed, desc="finetuned-teacher student")
+    return {"checkpoint": res.checkpoint, "n_train": res.n_train, "best_epoch": res.best_epoch,
+            "val_metrics": res.val_metrics}
+
+
+def preflight(cfg: FinetuneConfig) -> None:
+    """Every config and data mistake the run would hit, found before any model loads: the memory plan,
+    the labelled rows, the pool, and labels for annotation."""
+    from s3ray.finetune.train import check_can_train
+
+    check_can_train(cfg)
+    if not cfg.data.train:
+        raise ConfigError("data.train: the labelled rows to fine-tune on are required")
+    task, _ = _task_and_rows(cfg, "train", cfg.data.train, cfg.data.train_size)
+    if cfg.mode == "annotate":
+        if not cfg.data.pool:
+            raise ConfigError("mode=annotate needs data.pool (the unlabelled rows to label)")
+        if not task.labels:
+            raise ConfigError("mode=annotate needs task.labels (or a card.json with labels beside data.train)")
+        _pool_rows(cfg, task)
+    if cfg.student is not None:
+        _task_and_rows(cfg, "validation", cfg.data.validation, None)
+
+
+def run_recipe(cfg: FinetuneConfig, resume: bool = False) -> dict:
+    """fine-tune -> annotate | generate -> report.json, each step skipped on --resume once recorded."""
+    preflight(cfg)
+    rd = RunDir(cfg.run.output_dir, cfg.model_dump(), resume=resume)
+    steps = [("finetune", lambda: _finetune_step(cfg, rd, resume))]
+    if cfg.mode == "annotate":
+        steps.append(("annotate", lambda: _annotate_step(cfg, rd, rd.result("finetune")["export_dir"])))
+    elif cfg.mode == "generate":
+        steps.append(("generate", lambda: _generate_step(cfg, rd, rd.result("finetune")["export_dir"])))
+    if cfg.student is not None:
+        made = "annotate" if cfg.mode == "annotate" else "generate"
+        steps.append(("student", lambda: _student_step(cfg, rd, rd.result(made)["rows"])))
+    for name, fn in steps:
+        if rd.done(name):
+            log.info("%s: done in an earlier run, skipped", name)
+            continue
+        t0 = time.perf_counter()
+        rd.finish(name, fn(), time.perf_counter() - t0)
+    report = {"name": cfg.run.name, "mode": cfg.mode, "steps": {k: v["result"] for k, v in rd.steps().items()}}
+    Path(rd.file("report.json")).write_text(json.dumps(report, indent=2, default=str))
+    return report

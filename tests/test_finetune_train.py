@@ -1,0 +1,160 @@
+"""The teacher fine-tune end to end on a tiny GPT-NeoX (CPU, gloo, DS_ACCELERATOR=cpu): 2-worker ZeRO-3
+through Ray Train lowers the loss and resumes from its checkpoint; the export loads in vLLM and answers in the
+trained format; annotation labels a pool; generation writes parsed rows; LoRA merges and serves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from finetune_tiny import build_tiny_neox, keyword_rows, vllm_greedy
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from s3ray.config import TaskConfig
+from s3ray.finetune.annotate import annotate_rows, annotation_report, load_teacher
+from s3ray.finetune.config import finetune_config_from_dict
+from s3ray.finetune.formats import annotation_messages, prompt_ids
+from s3ray.finetune.generate import generate_rows, generation_jobs
+from s3ray.finetune.recipe import run_recipe
+from s3ray.finetune.train import finetune_teacher
+from s3ray.tasks import make_task
+
+pytestmark = pytest.mark.slow
+LABELS = ["negative", "positive"]
+TASK = make_task(TaskConfig(type="classification"), LABELS)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def neox_dir(session_tmp) -> Path:
+    dest = Path(session_tmp) / "tiny-neox"
+    if not (dest / "config.json").is_file():
+        build_tiny_neox(dest)
+    return dest
+
+
+def _cfg(tmp: Path, model: Path, student: dict | None = None, **training) -> object:
+    return finetune_config_from_dict({
+        "student": student,
+        "run": {"output_dir": str(tmp / "run")},
+        "task": {"type": "classification", "labels": LABELS},
+        "model": {"path": str(model)},
+        "training": {"num_workers": 2, "micro_batch": 4, "seq_len": 128, "learning_rate": 3e-3, "epochs": 3,
+                     "checkpoint_every": 4, **training},
+        "data": {"train": _jsonl(tmp / "train.jsonl", keyword_rows(32)),
+                 "pool": _jsonl(tmp / "pool.jsonl", keyword_rows(24, offset=300)),
+                 "validation": _jsonl(tmp / "val.jsonl", keyword_rows(12, offset=900))},
+        "annotate": {"threshold": 0.6},
+    })
+
+
+@pytest.fixture(scope="module")
+def zero3(ray_local, neox_dir, tiny_student_dir, tmp_path_factory):
+    """An interrupted ZeRO-3 fine-tune (stopped after 5 steps), then the recipe resuming it, annotating the
+    pool and training a (fast, embedding-head) student on the kept rows."""
+    tmp = tmp_path_factory.mktemp("zero3")
+    student = {"model": str(tiny_student_dir), "kind": "embedding_head", "epochs": 2, "batch_size": 8,
+               "max_length": 32}
+    cfg = _cfg(tmp, neox_dir, student=student, zero_stage=3, format="both")
+    stopped = finetune_teacher(cfg, keyword_rows(32), TASK, cfg.run.output_dir, stop_after_steps=5)
+    report = run_recipe(cfg, resume=True)
+    return cfg, stopped, report
+
+
+def test_zero3_two_workers_lowers_the_loss_and_resumes_where_it_stopped(zero3):
+    _, stopped, report = zero3
+    assert stopped.export_dir is None and stopped.steps == 5 and len(stopped.history) == 5
+    ft = report["steps"]["finetune"]
+    meta = json.loads((Path(ft["export_dir"]) / "s3ray_teacher.json").read_text())
+    hist = meta["history"]
+    assert ft["steps"] == len(hist) == 24  # 64 examples (both directions) / (2 workers x 4) x 3 epochs
+    assert [h["step"] for h in hist] == list(range(1, 25))
+    assert [h["loss"] for h in hist[:5]] == [h["loss"] for h in stopped.history]  # the resumed run kept them
+    # step 6 continues from step 5's weights: a restart from scratch would be back near the first loss
+    assert hist[5]["loss"] < hist[0]["loss"] - 0.5
+    first, last = sum(h["loss"] for h in hist[:3]) / 3, sum(h["loss"] for h in hist[-3:]) / 3
+    assert last < first - 2.0
+
+
+def test_zero3_export_is_a_16bit_hf_folder_that_vllm_serves_in_the_trained_format(zero3):
+    export = Path(zero3[2]["steps"]["finetune"]["export_dir"])
+    with safe_open(str(export / "model.safetensors"), "pt") as f:
+        names = f.keys()
+        assert {str(f.get_tensor(k).dtype) for k in names} == {"torch.bfloat16"}
+    tok = AutoTokenizer.from_pretrained(export)
+    pool = keyword_rows(6, offset=500)
+    outs = [o.strip() for o in vllm_greedy(export, [prompt_ids(tok, annotation_messages(TASK, r)) for r in pool])]
+    assert set(outs) <= set(LABELS)  # a label word, then the end-of-turn marker stopped generation
+    # vLLM's greedy answer is the label our log-prob scorer ranks first (same prompt ids, same weights)
+    model, tok = load_teacher(export)
+    assert outs == [a.label for a in annotate_rows(model, tok, TASK, pool)]
+
+
+def test_annotation_labels_the_pool_with_agreement_and_coverage(zero3):
+    rep = zero3[2]["steps"]["annotate"]
+    assert rep["n"] == rep["n_gold"] == 24
+    model, tok = load_teacher(zero3[2]["steps"]["finetune"]["export_dir"])
+    pool = keyword_rows(24, offset=300)
+    anns = annotate_rows(model, tok, TASK, pool)
+    assert all(0.5 <= a.confidence <= 1 and set(a.logprobs) == set(LABELS) for a in anns)
+    golds = [r["label"] for r in pool]
+    assert rep["agreement"] == sum(a.label == g for a, g in zip(anns, golds)) / 24
+    for thr in (0.0, 0.99, 1.0):
+        r = annotation_report(TASK, pool, anns, thr)
+        assert r["kept"] == sum(a.confidence >= thr for a in anns) and r["coverage"] == r["kept"] / 24
+    assert annotation_report(TASK, pool, anns, 0.0)["coverage"] == 1.0
+    import pyarrow.parquet as pq
+
+    kept = pq.read_table(rep["rows"]).to_pylist()
+    assert len(kept) == rep["kept"] and all(k["confidence"] >= 0.6 and k["label"] in LABELS for k in kept)
+
+
+def test_the_annotated_rows_train_the_student(zero3):
+    rep = zero3[2]["steps"]
+    assert rep["student"]["n_train"] == rep["annotate"]["kept"]
+    assert rep["student"]["val_metrics"]["n"] == 12 and Path(rep["student"]["checkpoint"]).is_dir()
+
+
+def test_generation_writes_parsed_rows_and_counts_the_rest(zero3):
+    model, tok = load_teacher(zero3[2]["steps"]["finetune"]["export_dir"])
+    jobs = generation_jobs(TASK, [], per_label=4, seed=0)
+    rows, dropped = generate_rows(model, tok, TASK, jobs, temperature=0.7, top_p=0.95, max_tokens=16, seed=0)
+    assert len(rows) + sum(dropped.values()) == len(jobs) == 8
+    assert all(r["label"] in LABELS and r["text"] for r in rows)
+
+
+def test_recipe_resume_skips_finished_steps(zero3):
+    cfg, _, report = zero3
+    manifest = json.loads((Path(cfg.run.output_dir) / "manifest.json").read_text())
+    again = run_recipe(cfg, resume=True)  # nothing left to do: no training, same results
+    assert again["steps"] == report["steps"]
+    assert json.loads((Path(cfg.run.output_dir) / "manifest.json").read_text())["steps"] == manifest["steps"]
+
+
+def test_lora_merges_for_serving_and_the_adapter_serves_on_its_base(ray_local, neox_dir, tmp_path):
+    pytest.importorskip("peft", reason="LoRA needs peft (a dependency in pyproject.toml)")
+    cfg = _cfg(tmp_path, neox_dir, method="lora", zero_stage=0, learning_rate=2e-2, epochs=6)
+    cfg.lora.rank = 16
+    cfg.lora.target_modules = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    res = finetune_teacher(cfg, keyword_rows(32), TASK, tmp_path / "out")
+    export = Path(res.export_dir)
+    assert (export / "model.safetensors").is_file() and (export / "adapter" / "adapter_config.json").is_file()
+    with safe_open(str(export / "model.safetensors"), "pt") as f, \
+            safe_open(str(neox_dir / "model.safetensors"), "pt") as base:
+        names = f.keys()
+        assert not any("lora" in k for k in names)
+        k = "gpt_neox.layers.0.attention.query_key_value.weight"
+        assert not f.get_tensor(k).equal(base.get_tensor(k))  # the adapter was folded in
+    tok = AutoTokenizer.from_pretrained(export)
+    pool = keyword_rows(4, offset=700)
+    prompts = [prompt_ids(tok, annotation_messages(TASK, r)) for r in pool]
+    merged_out = [o.strip() for o in vllm_greedy(export, prompts)]
+    assert set(merged_out) <= set(LABELS)
+    # the random base alone does not answer with label words; base + adapter answers as the merged model
+    assert [o.strip() for o in vllm_greedy(neox_dir, prompts, lora_dir=export / "adapter", lora_rank=16)] == merged_out
