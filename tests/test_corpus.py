@@ -106,7 +106,9 @@ def test_generate_killed_twice_resumes_exactly(tmp_path, tiny_teacher_dir):
     assert card["tokens"]["output"] > 0 and card["seed"] == 3
     import datasets
 
-    loaded = datasets.load_dataset("parquet", data_dir=str(run_cut / "corpus"), split="train")
+    # data_files: the card sits beside the shards, and the parquet builder would read every file of data_dir.
+    loaded = datasets.load_dataset("parquet", data_dir=str(run_cut / "corpus"), data_files="part-*.parquet",
+                                   split="train")
     assert loaded.num_rows == ROWS and sorted(loaded["id"]) == [r["id"] for r in want]
 
 
@@ -134,3 +136,33 @@ def test_corpus_dedup_drops_planted_duplicates_across_shards(tmp_path, ray_local
         t = drops_of_shard(out, i)
         got.update(zip(t.column("id").to_pylist(), t.column("reason").to_pylist()))
     assert got == {"seed/130": EXACT, "seed/131": NEAR, "seed/260": EXACT}
+
+
+def test_generate_iter_streams_in_order_and_caches_whole_chunks(tmp_path, tiny_teacher_dir, monkeypatch):
+    from s3ray.config import TeacherConfig
+    from s3ray.teacher.teacher import make_teacher
+    from s3ray.teacher.types import GenerationRequest, Sampling
+
+    cfg = TeacherConfig(model=str(tiny_teacher_dir), engine="transformers", max_in_flight=8)
+    reqs = [GenerationRequest(f"r/{i}", ({"role": "user", "content": f"review {i}"},),
+                              Sampling(max_tokens=4, seed=i)) for i in range(40)]
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("S3RAY_ENGINE_CALL_LOG", str(log))
+    with make_teacher(cfg, str(tiny_teacher_dir), 0, cache_path=tmp_path / "c.sqlite", backend="local") as t:
+        block = 2 * t.chunk_size()
+        got = list(t.generate_iter(iter(reqs), block))
+        assert [r.request_id for r in got] == [r.request_id for r in reqs] and all(r.ok for r in got)
+        assert sorted(_lines(log)) == sorted(r.request_id for r in reqs)  # each generated once
+        again = list(t.generate_iter(iter(reqs), block))  # everything cached: no engine call
+        assert [r.text for r in again] == [r.text for r in got] and all(r.cached for r in again)
+        assert len(_lines(log)) == len(reqs)
+
+
+def test_generate_resume_without_corpus_is_refused(tmp_path, tiny_teacher_dir, capsys):
+    from s3ray.cli import main
+
+    cfg = _config(tmp_path, tiny_teacher_dir, "none")
+    assert main(["generate", str(cfg), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "drop --resume" in err
+    assert not (tmp_path / "none" / "corpus").exists()  # refused before anything was created

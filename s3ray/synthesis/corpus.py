@@ -239,4 +239,5 @@ def corpus_card(state: CorpusState, cfg: S3Config, inputs: RunInputs, teacher: T
                    "output": sum(s["output_tokens"] for s in state.shards)},
         "rationales": state.data["rationales"]["rationales"], "teacher_stats": teacher.stats().to_dict(),
         "state": f"{STATE_DIR}/state.json", "first_file": shard_name(0),
+        "load": 'datasets.load_dataset("parquet", data_dir=CORPUS_DIR, data_files="part-*.parquet")',
     }
