@@ -114,11 +114,12 @@ def test_generate_killed_twice_resumes_exactly(tmp_path, tiny_teacher_dir):
 
 @pytest.mark.slow
 def test_corpus_dedup_drops_planted_duplicates_across_shards(tmp_path, ray_local):
-    base = "the film is a warm and funny story about two old friends who drive across the country together"
+    base = ("the film is a warm and funny story about two old friends who drive across the country together, "
+            "meet strangers in small towns, argue about music and finally learn to forgive each other for the past")
     rows = [
         [("seed/0", base), ("seed/1", "a cold, dull and lifeless remake that nobody asked for at all")],
         [("seed/130", base.upper() + "!"),  # exact copy once normalised, in another shard
-         ("seed/131", base.replace("together", "again together")),  # near copy
+         ("seed/131", base + " years"),  # near copy (Jaccard 0.97)
          ("seed/132", "an entirely different review about sound design, pacing and a great score")],
         [("seed/260", "a cold dull and lifeless remake that nobody asked for at all")],
     ]

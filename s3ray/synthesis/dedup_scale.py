@@ -74,7 +74,8 @@ def find_duplicates(shard_files: list[Path], text_fields: list[str], threshold: 
     import ray.data  # Ray Data only where the corpus-wide pass runs
 
     bands, rows = band_params(threshold)
-    ds = ray.data.read_parquet([str(f) for f in shard_files], columns=["id", *text_fields], include_paths=True)
+    ds = ray.data.read_parquet([str(f) for f in shard_files], include_paths=True).select_columns(
+        ["id", "path", *text_fields])
     keys = ds.map_batches(row_keys, batch_format="pandas", fn_kwargs={"text_fields": text_fields, "bands": bands,
                                                                       "rows": rows})
     parts = max(2, min(200, len(shard_files)))  # Ray's default of 200 hash partitions swamps a small corpus
