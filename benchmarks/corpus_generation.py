@@ -84,6 +84,7 @@ def bench_ray_data_llm(cfg, model_path: str, reqs) -> dict:
     from ray.data.llm import vLLMEngineProcessorConfig
     from transformers import AutoTokenizer
 
+    from s3ray.teacher.cpu import vllm_engine_args
     from s3ray.teacher.engines import render_prompt
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -91,7 +92,9 @@ def bench_ray_data_llm(cfg, model_path: str, reqs) -> dict:
     max_tokens = reqs[0].sampling.max_tokens
     config = vLLMEngineProcessorConfig(
         model_source=model_path, batch_size=64, concurrency=1,
-        engine_kwargs={"max_model_len": cfg.vllm.max_model_len, "enforce_eager": True, "dtype": cfg.dtype},
+        # The teacher's own CPU workaround (no chunked prefill: seeded requests), so both paths run alike.
+        engine_kwargs={"max_model_len": cfg.vllm.max_model_len, "enforce_eager": True, "dtype": cfg.dtype,
+                       **vllm_engine_args(cfg)},
         placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False, chat_template_stage=False,
         tokenize_stage=True, detokenize_stage=True)
     build = getattr(rdl, "build_llm_processor", None) or rdl.build_processor  # renamed in Ray 2.5x
