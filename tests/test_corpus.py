@@ -171,3 +171,13 @@ def test_generate_resume_without_corpus_is_refused(tmp_path, tiny_teacher_dir, c
     err = capsys.readouterr().err
     assert "cannot resume" in err and "drop --resume" in err
     assert not (tmp_path / "none" / "corpus").exists()  # refused before anything was created
+
+
+def test_generate_job_joins_the_cluster_and_continues_a_corpus():
+    sys.path.insert(0, str(REPO / "jobs"))
+    from generate_job import job_argv
+
+    assert job_argv(["c.yaml", "--rows", "10"], True, lambda: False) == [
+        "generate", "c.yaml", "--rows", "10", "--set", "ray.address=auto"]
+    assert job_argv(["c.yaml"], False, lambda: True) == ["generate", "c.yaml", "--resume"]
+    assert job_argv(["c.yaml", "--resume"], False, lambda: True).count("--resume") == 1
