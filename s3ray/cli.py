@@ -23,6 +23,7 @@ examples:
   s3ray run configs/sst2_quickstart.yaml --resume     # continue an interrupted run
   s3ray run configs/sst2_quickstart.yaml --resume-if-exists   # continue it, or start it if there is none
   s3ray run my.yaml --set synthesis.rounds=1 --set teacher.replicas=4
+  s3ray generate my.yaml --rows 100000               # a large synthetic corpus, sharded Parquet
   s3ray validate my.yaml                              # check config, data and models; generate nothing
   s3ray config --explain                              # every config field, its default and meaning
   s3ray serve my.yaml --port 8000                     # the teacher as an OpenAI-compatible server
@@ -80,6 +81,22 @@ def _cmd_run(args) -> int:
     for row in rep["comparison"]:
         t = row["test"]
         print(f"  {row['method']:<40} test {rep['metric']}: {'–' if t is None else f'{100 * t:.2f}'}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from s3ray.config import load_config
+    from s3ray.pipeline.s3 import prepare_inputs
+    from s3ray.synthesis.corpus import generate_corpus
+
+    overrides = args.overrides + ([f"synthesis.corpus_rows={args.rows}"] if args.rows else [])
+    cfg = load_config(args.config, overrides)
+    _setup_logging(None, args.verbose)
+    inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
+    card = generate_corpus(cfg, inputs, resume=args.resume, backend=args.backend)
+    out = Path(cfg.run.output_dir) / "corpus"
+    print(f"corpus: {card['rows']} rows in {card['shards']} shard(s) under {out} (card: {out / 'corpus_card.json'})")
+    print(f"dropped: {card['dropped'] or 'none'}")
     return 0
 
 
@@ -181,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stop-after", metavar="STEP",
                    help="pause after this step (a manifest step name, e.g. round0/train); --resume continues")
     r.set_defaults(fn=_cmd_run)
+
+    g = sub.add_parser("generate", help="stream a large synthetic corpus (synthesis.corpus_rows) to Parquet shards",
+                       description="Rationales, then seed-style rows written shard by shard to "
+                       "<run.output_dir>/corpus/part-XXXXX.parquet, deduplicated corpus-wide; resumable.")
+    _add_config_args(g)
+    g.add_argument("--rows", type=int, metavar="N", help="rows to write (overrides synthesis.corpus_rows)")
+    g.add_argument("--resume", action="store_true", help="continue the corpus in run.output_dir")
+    g.add_argument("--backend", choices=["ray", "local", "http"], default=None,
+                   help="where the teacher runs (default: ray replicas; http for engine openai)")
+    g.set_defaults(fn=_cmd_generate)
 
     sw = sub.add_parser("sweep", help="run an S3 config once per seed and report mean ± std",
                         description="One whole S3 run per seed in <run.output_dir>/seed<N> (one after another), "

@@ -79,7 +79,7 @@ def quiet_state_api_warnings() -> None:
 # Driver variables every job process needs: where caches live, offline mode, and how to reach run storage.
 _JOB_ENV_VARS = (
     "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "S3RAY_CACHE", "HF_HUB_OFFLINE",
-    "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM", *STORAGE_ENV_VARS,
+    "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM", "S3RAY_ENGINE_CALL_LOG", *STORAGE_ENV_VARS,
 )
 # Set by `ray job submit` in the entrypoint's environment: the submitter's --runtime-env(-json).
 _JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"

@@ -243,6 +243,10 @@ class SynthesisConfig(_Strict):
     near_duplicate_threshold: float = Field(
         0.8, gt=0, le=1.0, description="Jaccard similarity (word 3-gram MinHash) above which a row is a near-duplicate."
     )
+    corpus_rows: int = Field(100_000, ge=1, description="Rows `s3ray generate` writes to <run.output_dir>/corpus.")
+    corpus_shard_size: int = Field(
+        10_000, ge=64, description="Teacher requests per corpus Parquet shard (the unit of resume and memory)."
+    )
 
 
 class StudentConfig(_Strict):

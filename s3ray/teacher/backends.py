@@ -16,7 +16,7 @@ from typing import Protocol
 from s3ray.config import TeacherConfig
 from s3ray.redact import redact_url
 from s3ray.teacher.engines import Engine, make_engine
-from s3ray.teacher.engines.base import error_text, failed
+from s3ray.teacher.engines.base import error_text, failed, log_engine_calls
 from s3ray.teacher.types import GenerationRequest, GenerationResult, TeacherError, derive_seed
 
 log = logging.getLogger("s3ray.teacher")
@@ -39,6 +39,7 @@ class Faults:
 class Backend(Protocol):
     sent: int  # requests handed to an engine (a resubmitted one counts again)
     faults: Faults
+    chunk_size: int  # requests per engine call
 
     def generate(self, requests: Sequence[GenerationRequest], on_chunk: OnChunk | None = None
                  ) -> list[GenerationResult]: ...
@@ -78,7 +79,9 @@ class LocalBackend:
             self.engine = self.factory()
         self.sent += len(chunk)
         try:
-            return self.engine.generate(chunk)
+            results = self.engine.generate(chunk)
+            log_engine_calls(results)
+            return results
         except Exception as e:  # noqa: BLE001 - a broken engine: report its chunk, rebuild it for the next one
             log.warning("teacher engine failed (%s); it is rebuilt for the next chunk", error_text(e))
             self.engine.close()

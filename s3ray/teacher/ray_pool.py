@@ -38,7 +38,7 @@ from s3ray.runtime import alive_nodes, init_ray, set_cache_dirs
 from s3ray.teacher.backends import Faults, OnChunk
 from s3ray.teacher.cpu import engine_env
 from s3ray.teacher.engines import make_engine
-from s3ray.teacher.engines.base import error_text, failed
+from s3ray.teacher.engines.base import error_text, failed, log_engine_calls
 from s3ray.teacher.types import GenerationRequest, GenerationResult, TeacherError, derive_seed
 
 log = logging.getLogger("s3ray.teacher")
@@ -63,6 +63,7 @@ class _Replica:
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         results = self.engine.generate(requests)
+        log_engine_calls(results)
         for r in results:
             r.replica = self.index
         return results

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -109,7 +109,8 @@ class Teacher:
 
     # ---------------------------------------------------------------------------------- generation
 
-    def generate(self, requests: Sequence[GenerationRequest], desc: str = "teacher") -> list[GenerationResult]:
+    def generate(self, requests: Sequence[GenerationRequest], desc: str = "teacher",
+                 progress: bool = True) -> list[GenerationResult]:
         """Results in the order of `requests`. A request that fails `teacher.max_attempts` times comes back
         with `.error` set (never cached); a non-retryable failure (e.g. a too-long prompt) is tried once."""
         if self._closed:
@@ -121,7 +122,8 @@ class Teacher:
         t0 = time.perf_counter()
         by_id = self.cache.get_many(requests, self.cache_model) if self.cache else {}
         self._stats.cached += len(by_id)
-        with tqdm(total=len(requests), initial=len(by_id), desc=desc, unit="req", dynamic_ncols=True) as bar:
+        with tqdm(total=len(requests), initial=len(by_id), desc=desc, unit="req", dynamic_ncols=True,
+                  disable=not progress) as bar:
             todo = [r for r in requests if r.request_id not in by_id]
             for attempt in range(self.cfg.max_attempts):
                 if not todo:
@@ -141,6 +143,25 @@ class Teacher:
         self._stats.output_tokens += sum(r.output_tokens for r in fresh)
         self._stats.seconds += time.perf_counter() - t0
         return out
+
+    def generate_iter(self, requests: Iterable[GenerationRequest], block_size: int, desc: str = "teacher"
+                      ) -> Iterator[GenerationResult]:
+        """Results in the order of `requests`, read `block_size` at a time: memory stays bounded however
+        long the stream, and every finished chunk is cached at once (as in `generate`). Resumes are exact
+        when `block_size` is a multiple of `chunk_size()`: the cache then holds whole chunks, so the
+        requests still to do form the same engine chunks (and batches) as in an uninterrupted run."""
+        block: list[GenerationRequest] = []
+        for req in requests:
+            block.append(req)
+            if len(block) == block_size:
+                yield from self.generate(block, desc=desc, progress=False)
+                block = []
+        if block:
+            yield from self.generate(block, desc=desc, progress=False)
+
+    def chunk_size(self) -> int:
+        """Requests per engine call of the backend (starts it)."""
+        return int(self._ensure_backend().chunk_size)
 
     def _run(self, todo: list[GenerationRequest], by_id: dict[str, GenerationResult], bar) -> None:
         answered: set[str] = set()

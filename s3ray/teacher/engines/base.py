@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from s3ray.teacher.types import GenerationRequest, GenerationResult, Sampling, derive_seed
@@ -61,3 +62,19 @@ def render_prompt_ids(tokenizer, req: GenerationRequest) -> list[int]:
     """Chat template -> text -> ids, without adding special tokens twice (the template has them)."""
     text = render_prompt(tokenizer, req)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+CALL_LOG_ENV = "S3RAY_ENGINE_CALL_LOG"
+
+
+def log_engine_calls(results: Sequence[GenerationResult]) -> None:
+    """Opt-in audit for resume tests: with S3RAY_ENGINE_CALL_LOG=path set, append the id of every request an
+    engine finished (in whatever process it runs). One O_APPEND write per chunk, so processes don't interleave."""
+    path = os.environ.get(CALL_LOG_ENV)
+    if path:
+        lines = "".join(f"{r.request_id}\n" for r in results if r.ok)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, lines.encode())
+        finally:
+            os.close(fd)
