@@ -44,7 +44,7 @@ def run_job(argv: list[str]) -> int:
     rc = main(job_argv(argv, in_job, state.is_file))
     out = Path(cfg.run.output_dir) / "corpus"
     if rc == 0:
-        print(f"s3ray generate job done; corpus: {out} (card: {out / 'corpus_card.json'})")
+        print(f"s3ray generate job done; corpus: {out} (card: {out.parent / 'corpus_card.json'})")
     else:
         print(f"s3ray generate job failed (exit {rc}); finished shards are kept in {out}: resubmit to continue",
               file=sys.stderr)

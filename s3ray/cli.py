@@ -95,7 +95,7 @@ def _cmd_generate(args) -> int:
     inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
     card = generate_corpus(cfg, inputs, resume=args.resume, backend=args.backend)
     out = Path(cfg.run.output_dir) / "corpus"
-    print(f"corpus: {card['rows']} rows in {card['shards']} shard(s) under {out} (card: {out / 'corpus_card.json'})")
+    print(f"corpus: {card['rows']} rows in {card['shards']} shard(s) under {out} (card: {out.parent / 'corpus_card.json'})")
     print(f"dropped: {card['dropped'] or 'none'}")
     return 0
 

@@ -207,7 +207,8 @@ def _finish(state: CorpusState, cfg: S3Config, inputs: RunInputs, teacher: Teach
         state.rewrite_without(set(cut), i)
         extra -= len(cut)
     card = corpus_card(state, cfg, inputs, teacher)
-    atomic_write_bytes(state.corpus / CARD, json.dumps(card, indent=2).encode())
+    # Beside the shard folder, not in it: `load_dataset("parquet", data_dir=corpus)` reads every file there.
+    atomic_write_bytes(state.corpus.parent / CARD, json.dumps(card, indent=2).encode())
     state.data["done"] = True
     state.save()
     return card

@@ -1,8 +1,7 @@
 """The corpus on disk: Parquet shards that appear only when complete, and the state that makes resume exact.
 
-    <run.output_dir>/corpus/part-00000.parquet ...   the corpus: load_dataset("parquet", data_dir=...,
-                                                     data_files="part-*.parquet") (the card is no Parquet)
-    <run.output_dir>/corpus/corpus_card.json         counts, label balance, teacher, sampling, seed, tokens
+    <run.output_dir>/corpus/part-00000.parquet ...   the corpus: load_dataset("parquet", data_dir=".../corpus")
+    <run.output_dir>/corpus_card.json                counts, label balance, teacher, sampling, seed, tokens
     <run.output_dir>/corpus_state/state.json         rationales, finished shards, dedup passes (resume)
     <run.output_dir>/corpus_state/dedup-N.parquet    ids each corpus-wide dedup pass dropped, and why
 
