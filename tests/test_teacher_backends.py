@@ -206,7 +206,7 @@ def test_cache_identity_follows_the_model_and_endpoint(tiny_teacher_dir, tmp_pat
     assert model_identity(hf, "m", str(tiny_teacher_dir)) == f"transformers:m#{fp}"
     a = TeacherConfig(engine="openai", openai=OpenAIConfig(base_url="https://u:secret@a.example/v1"))
     b = TeacherConfig(engine="openai", openai=OpenAIConfig(base_url="https://b.example/v1"))
-    assert model_identity(a, "m", "m") == "openai:m@https://a.example/v1"  # no credentials in keys
+    assert model_identity(a, "m", "m") == "openai:m@https://***@a.example/v1"  # no credentials in keys
     assert model_identity(a, "m", "m") != model_identity(b, "m", "m")
 
 
