@@ -11,6 +11,7 @@ the marker, with bounded waits. It never runs `ray stop`, which would stop every
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 MARKER = "S3RAY_TEST_CLUSTER"
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 # The driver's own variables that must not leak into the nodes (they would point them at another cluster).
-_DROP = ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_TMPDIR")
+_DROP = ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_TMPDIR", "RAY_AUTH_TOKEN_PATH")
 
 
 def free_port() -> int:
@@ -61,6 +62,9 @@ class LocalCluster:
     s3_endpoint: str | None
     nodes: list[Node] = field(default_factory=list)
     moto: subprocess.Popen | None = None
+    # Ray 2.60 turns token auth on for a local ray.init() (and this process may have done one), so the test
+    # cluster is a token cluster like a real one: every node and driver gets the same token, whatever HOME says.
+    token: str = field(default_factory=lambda: secrets.token_hex(32))
 
     def node_env(self, name: str) -> dict[str, str]:
         """The environment of node `name`: its own home and caches, the S3 endpoint and credentials."""
@@ -69,7 +73,7 @@ class LocalCluster:
         env.update({
             "HOME": str(home), "TMPDIR": str(home / "tmp"), "XDG_CACHE_HOME": str(home / "cache"),
             "HF_HOME": str(home / "hf"), "S3RAY_CACHE": str(home / "s3ray"), MARKER: str(self.root),
-            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
             # This checkout's s3ray and the test helpers, whatever is installed.
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
         })

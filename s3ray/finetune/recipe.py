@@ -142,7 +142,9 @@ def preflight(cfg: FinetuneConfig) -> None:
 def run_recipe(cfg: FinetuneConfig, resume: bool = False) -> dict:
     """fine-tune -> annotate | generate -> report.json, each step skipped on --resume once recorded."""
     preflight(cfg)
-    rd = RunDir(cfg.run.output_dir, cfg.model_dump(), resume=resume)
+    # A fine-tune stopped before the recipe recorded anything still resumes from its Ray Train checkpoints.
+    has_manifest = (Path(cfg.run.output_dir).expanduser() / "manifest.json").is_file()
+    rd = RunDir(cfg.run.output_dir, cfg.model_dump(), resume=resume and has_manifest)
     steps = [("finetune", lambda: _finetune_step(cfg, rd, resume))]
     if cfg.mode == "annotate":
         steps.append(("annotate", lambda: _annotate_step(cfg, rd, rd.result("finetune")["export_dir"])))
@@ -159,4 +161,5 @@ def run_recipe(cfg: FinetuneConfig, resume: bool = False) -> dict:
         rd.finish(name, fn(), time.perf_counter() - t0)
     report = {"name": cfg.run.name, "mode": cfg.mode, "steps": {k: v["result"] for k, v in rd.steps().items()}}
     Path(rd.file("report.json")).write_text(json.dumps(report, indent=2, default=str))
+    rd.close()
     return report
