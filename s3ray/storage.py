@@ -181,6 +181,27 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def replace_local_dir(src: str | Path, dest: str | Path) -> Path:
+    """Copy folder `src` over `dest` on a local disk: a complete, fsynced copy under a temp name first, then a
+    rename, so `dest` is never a half-copied folder (at worst briefly absent, which resume re-runs)."""
+    src, dest = Path(src), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        shutil.copytree(src, tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_local(str(f))
+        _fsync_local(str(tmp), directory=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_local(str(dest.parent), directory=True)
+    return dest
+
+
 def upload_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local folder (model weights, a checkpoint) to `uri`."""
     src = Path(local_dir)

@@ -29,7 +29,7 @@ def _config(tmp_path, **data):
 
 
 def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob("*.tmp"))
+    return sorted(p.name for p in folder.rglob("*.tmp*"))
 
 
 def test_atomic_writes_replace_whole_files_and_leave_no_temp_files(tmp_path):

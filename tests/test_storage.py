@@ -190,3 +190,17 @@ def test_stopping_the_cluster_leaves_nothing_running(cluster, driven):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--drive"]:
     print(json.dumps(drive(*sys.argv[2:5])))
+
+
+def test_a_folder_is_replaced_whole_and_leaves_no_temp_copy(tmp_path):
+    src, dest = tmp_path / "src", tmp_path / "run" / "checkpoint"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "w.bin").write_bytes(b"new")
+    dest.mkdir(parents=True)
+    (dest / "stale.bin").write_bytes(b"old")
+    assert storage.replace_local_dir(src, dest) == dest
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["sub", "sub/w.bin"]
+    assert (dest / "sub" / "w.bin").read_bytes() == b"new" and _no_temp_files(tmp_path / "run")
+    with pytest.raises(FileNotFoundError):  # a failed copy leaves the old folder and no temp copy
+        storage.replace_local_dir(tmp_path / "missing", dest)
+    assert (dest / "sub" / "w.bin").read_bytes() == b"new" and _no_temp_files(tmp_path / "run")

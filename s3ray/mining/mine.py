@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from s3ray import storage
 from s3ray.mining.read import read_dataset
 from s3ray.runtime import alive_nodes, cap_to_local_cores
 from s3ray.tasks.base import Task, merge_stats
@@ -100,10 +100,8 @@ def _below_cut(batch: pa.Table, margin: float, key: str) -> pa.Table:
 
 
 def write_part(table: pa.Table, folder: Path, name: str) -> None:
-    """Write `folder/name` atomically: a hidden temp file, then a rename (readers skip dot-files)."""
-    tmp = folder / f".{name}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, folder / name)
+    """Write `folder/name` durably and atomically: a hidden temp file (readers skip dot-files), fsync, rename."""
+    storage.write_parquet(str(folder / name), table)
 
 
 def _prediction_sink(pred_dir: Path, err_dir: Path, task: Task, k: int):

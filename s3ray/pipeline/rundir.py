@@ -15,13 +15,13 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from s3ray import storage
 from s3ray.redact import redact
 
 log = logging.getLogger("s3ray")
@@ -42,45 +42,17 @@ class RunDirError(RuntimeError):
 
 
 # --- durable files --------------------------------------------------------------------------------
-def _tmp_name(path: Path) -> Path:
-    """A temp name no other process or thread can pick: two drivers never write the same temp file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename inside `path` durable (the folder entry itself must reach the disk)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, write) -> Path:
-    """`write(tmp)` into a unique temp file, fsync it, rename it over `path`, fsync the folder.
-    A failure at any point leaves `path` as it was and no temp file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` so that after a crash or power loss it holds either the old or the new bytes."""
-    return _write_durably(Path(path), lambda tmp: tmp.write_bytes(data))
+    """Write `data` to `path` so that after a crash or power loss it holds either the old or the new bytes
+    (storage.write_bytes: a unique temp name, fsync, rename, fsync of the folder)."""
+    storage.write_bytes(str(path), data)
+    return Path(path)
 
 
 def write_parquet(path: str | Path, table: pa.Table) -> Path:
     """`pq.write_table`, durably and atomically (see atomic_write_bytes)."""
-    return _write_durably(Path(path), lambda tmp: pq.write_table(table, tmp))
+    storage.write_parquet(str(path), table)
+    return Path(path)
 
 
 def _files_under(path: Path) -> list[Path]:

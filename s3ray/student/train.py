@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from s3ray import storage
 from s3ray.config import StudentConfig
 from s3ray.runtime import alive_nodes, init_ray, local_cores
 from s3ray.student.embedding_head import fit_embedding_head
@@ -203,9 +203,8 @@ def _train_ray(train_rows, val_rows, task: Task, cfg: StudentConfig, model_path,
     m = result.metrics
     history, best_epoch = json.loads(m["history_json"]), int(m["best_epoch"])
     dest = out_dir / "checkpoint"
-    shutil.rmtree(dest, ignore_errors=True)
     with result.checkpoint.as_directory() as src:
-        shutil.copytree(src, dest)
+        storage.replace_local_dir(src, dest)
     loop = float(m["train_loop_seconds"])
     return TrainResult(
         checkpoint=str(dest),
