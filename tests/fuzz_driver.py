@@ -222,8 +222,8 @@ def wait_gone(prefix: str, timeout: float) -> dict[int, str]:
 
 
 def rows(run_dir: Path) -> dict[str, list[dict]]:
-    """Every Parquet file of the run's data (rounds, final set, baselines), rows in file order."""
-    files = sorted(p for p in run_dir.rglob("*.parquet") if "students" not in p.parts and "mining" not in p.parts)
+    """Every Parquet file of the run's data (real rows, rounds, mined errors, final set, baselines)."""
+    files = sorted(p for p in run_dir.rglob("*.parquet") if "students" not in p.parts)
     return {str(p.relative_to(run_dir)): pq.read_table(p).to_pylist() for p in files}
 
 
