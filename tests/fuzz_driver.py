@@ -183,8 +183,8 @@ def fuzz(config: Path, run_dir: Path, work: Path, durations: dict[str, float], s
 
         def plan(name: str, since: float):
             left = phases[phases.index(name):] if name in phases else [name]
-            # The kills still owed, spread over the phases ahead; every phase gets one, none more than 4.
-            quota = max(1, min(4, math.ceil((min_kills - len(kills)) / len(left))))
+            # The kills still owed, spread over the phases ahead; every phase gets one, none more than 6.
+            quota = max(1, min(6, math.ceil((min_kills - len(kills)) / len(left))))
             if used.get(name, 0) >= quota or time.monotonic() - t_start > max_seconds:
                 return None
             return since + rng.uniform(0.05, 0.9) * durations.get(name, 5.0)
@@ -223,8 +223,16 @@ def wait_gone(prefix: str, timeout: float) -> dict[int, str]:
 
 def rows(run_dir: Path) -> dict[str, list[dict]]:
     """Every Parquet file of the run's data (real rows, rounds, mined errors, final set, baselines)."""
-    files = sorted(p for p in run_dir.rglob("*.parquet") if "students" not in p.parts)
-    return {str(p.relative_to(run_dir)): pq.read_table(p).to_pylist() for p in files}
+    out: dict[str, list[dict]] = {}
+    for p in sorted(run_dir.rglob("*.parquet")):
+        if "students" in p.parts:
+            continue
+        if "mining" in p.parts:  # Ray Data names its part files at random: a folder is one table, by id
+            key = str(p.parent.relative_to(run_dir))
+            out[key] = sorted(out.get(key, []) + pq.read_table(p).to_pylist(), key=lambda r: str(r.get("id")))
+        else:
+            out[str(p.relative_to(run_dir))] = pq.read_table(p).to_pylist()
+    return out
 
 
 def report_numbers(run_dir: Path) -> dict:

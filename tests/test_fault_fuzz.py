@@ -28,7 +28,7 @@ from s3ray.teacher.engines.base import CALL_LOG_ENV
 from s3ray.teacher.teacher import make_teacher
 
 MIN_KILLS = 30
-MAX_FUZZ_SECONDS = float(os.environ.get("S3RAY_FUZZ_MAX_S", "1500"))  # after this, no more kills
+MAX_FUZZ_SECONDS = float(os.environ.get("S3RAY_FUZZ_MAX_S", "2400"))  # after this, no more kills
 ORPHAN_WAIT_S = 90  # Ray's agents outlive a SIGKILLed driver by ~60-80 s
 
 
