@@ -168,6 +168,7 @@ def fuzz(config: Path, run_dir: Path, work: Path, durations: dict[str, float], s
     rng = random.Random(seed)
     phases = list(durations)
     used = dict.fromkeys(phases, 0)
+    fastest = dict(durations)
     kills: list[Kill] = []
     calls_path, offset, calls, regenerated = work / "calls.log", 0, [], {}
     t_start = time.monotonic()
@@ -183,18 +184,22 @@ def fuzz(config: Path, run_dir: Path, work: Path, durations: dict[str, float], s
 
         def plan(name: str, since: float):
             left = phases[phases.index(name):] if name in phases else [name]
-            # The kills still owed, spread over the phases ahead; every phase gets one, none more than 6.
-            quota = max(1, min(6, math.ceil((min_kills - len(kills)) / len(left))))
+            # The kills still owed, spread over the phases ahead; every phase gets one, none more than 8.
+            quota = max(1, min(8, math.ceil((min_kills - len(kills)) / len(left))))
             if used.get(name, 0) >= quota or time.monotonic() - t_start > max_seconds:
                 return None
-            return since + rng.uniform(0.05, 0.9) * durations.get(name, 5.0)
+            # Within the phase's shortest duration seen so far (a less loaded machine runs faster than the
+            # reference did), early enough that most kills land inside it.
+            return since + rng.uniform(0.02, 0.6) * fastest.get(name, 5.0)
 
         phase_t0 = t0
         kill_at = plan(phase, phase_t0)
         while proc.poll() is None:
             started = step_starts(log_path.read_text(errors="replace"))
             if len(started) > n_seen:
-                n_seen, phase, phase_t0 = len(started), started[-1], time.monotonic()
+                now = time.monotonic()
+                fastest[phase] = min(fastest.get(phase, math.inf), now - phase_t0)  # it ran through
+                n_seen, phase, phase_t0 = len(started), started[-1], now
                 kill_at = plan(phase, phase_t0)
             if kill_at is not None and time.monotonic() >= kill_at:
                 kill_group(proc)
