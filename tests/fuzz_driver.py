@@ -169,6 +169,7 @@ def fuzz(config: Path, run_dir: Path, work: Path, durations: dict[str, float], s
     phases = list(durations)
     used = dict.fromkeys(phases, 0)
     fastest = dict(durations)
+    quotas: dict[str, int] = {}
     kills: list[Kill] = []
     calls_path, offset, calls, regenerated = work / "calls.log", 0, [], {}
     t_start = time.monotonic()
@@ -185,7 +186,8 @@ def fuzz(config: Path, run_dir: Path, work: Path, durations: dict[str, float], s
         def plan(name: str, since: float):
             left = phases[phases.index(name):] if name in phases else [name]
             # The kills still owed, spread over the phases ahead; every phase gets one, none more than 8.
-            quota = max(1, min(8, math.ceil((min_kills - len(kills)) / len(left))))
+            # Fixed when the phase is first seen (kills it takes must not shrink its own share).
+            quota = quotas.setdefault(name, max(1, min(8, math.ceil((min_kills - len(kills)) / len(left)))))
             if used.get(name, 0) >= quota or time.monotonic() - t_start > max_seconds:
                 return None
             # Within the phase's shortest duration seen so far (a less loaded machine runs faster than the
