@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/sst2_quickstart.yaml
 STAMP := $(VENV)/.s3ray-installed
 
-.PHONY: install install-gpu demo test lint bench clean
+.PHONY: install install-gpu demo test fuzz lint bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt scripts/install.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh cpu
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The crash-point fuzz: >= 30 SIGKILLs of a tiny S3 run, each resumed (15+ minutes on 2 cores).
+fuzz: $(STAMP)
+	$(BIN)/python -m pytest -q -m fuzz tests/test_fault_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check s3ray tests benchmarks jobs

@@ -54,7 +54,7 @@ def _generate(config: Path, call_log: Path, *extra: str) -> subprocess.Popen:
 
 
 def _lines(path: Path) -> list[str]:
-    return path.read_text().split() if path.is_file() else []
+    return [line.split("\t")[0] for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def _cached_ids(run: Path) -> set[str]:

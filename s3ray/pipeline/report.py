@@ -5,11 +5,12 @@ Built only from the manifest, so `s3ray report RUN_DIR` can rebuild it at any ti
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from s3ray.pipeline import steps as step_names
-from s3ray.pipeline.rundir import RunDir
+from s3ray.pipeline.rundir import RunDir, atomic_write_bytes
 from s3ray.tasks import task_class
 
 
@@ -151,8 +152,10 @@ def _plot(report: dict, path: Path) -> None:
     ax2.set_title("Time per step")
     ax2.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _markdown(rep: dict) -> str:
@@ -208,7 +211,8 @@ def _markdown(rep: dict) -> str:
 
 def write_report(run: RunDir) -> dict:
     rep = build_report(run)
-    (run.path / "report.json").write_text(json.dumps(rep, indent=2))
+    # Atomically: a driver killed while writing its report must not leave a torn report.json behind.
+    atomic_write_bytes(run.path / "report.json", json.dumps(rep, indent=2).encode())
     _plot(rep, run.path / "report.png")
-    (run.path / "report.md").write_text(_markdown(rep))
+    atomic_write_bytes(run.path / "report.md", _markdown(rep).encode())
     return rep

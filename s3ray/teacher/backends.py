@@ -16,7 +16,7 @@ from typing import Protocol
 from s3ray.config import TeacherConfig
 from s3ray.redact import redact_url
 from s3ray.teacher.engines import Engine, make_engine
-from s3ray.teacher.engines.base import error_text, failed, log_engine_calls
+from s3ray.teacher.engines.base import error_text, failed
 from s3ray.teacher.types import GenerationRequest, GenerationResult, TeacherError, derive_seed
 
 log = logging.getLogger("s3ray.teacher")
@@ -79,9 +79,7 @@ class LocalBackend:
             self.engine = self.factory()
         self.sent += len(chunk)
         try:
-            results = self.engine.generate(chunk)
-            log_engine_calls(results)
-            return results
+            return self.engine.generate(chunk)
         except Exception as e:  # noqa: BLE001 - a broken engine: report its chunk, rebuild it for the next one
             log.warning("teacher engine failed (%s); it is rebuilt for the next chunk", error_text(e))
             self.engine.close()

@@ -38,7 +38,7 @@ from s3ray.runtime import alive_nodes, init_ray, set_cache_dirs
 from s3ray.teacher.backends import Faults, OnChunk
 from s3ray.teacher.cpu import engine_env
 from s3ray.teacher.engines import make_engine
-from s3ray.teacher.engines.base import error_text, failed, log_engine_calls
+from s3ray.teacher.engines.base import CALL_LOG_ENV, error_text, failed
 from s3ray.teacher.types import GenerationRequest, GenerationResult, TeacherError, derive_seed
 
 log = logging.getLogger("s3ray.teacher")
@@ -63,7 +63,6 @@ class _Replica:
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         results = self.engine.generate(requests)
-        log_engine_calls(results)
         for r in results:
             r.replica = self.index
         return results
@@ -175,6 +174,8 @@ class RayReplicaPool:
         engine_kwargs: dict = {}
         on_cpu = not self.use_gpu
         env = engine_env(cfg, threads=cfg.cpus_per_replica if on_cpu else None, in_process=on_cpu and world == 1)
+        if os.environ.get(CALL_LOG_ENV):  # the opt-in engine call log, also from replicas on other nodes
+            env[CALL_LOG_ENV] = os.environ[CALL_LOG_ENV]
         # Enough actor threads for every chunk in flight: the engine batches them together.
         opts: dict = {"max_concurrency": math.ceil(cfg.max_in_flight / self.chunk_size) + 2, "max_restarts": 0,
                       "runtime_env": {"env_vars": env}}

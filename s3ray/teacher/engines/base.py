@@ -20,6 +20,26 @@ class Engine:
         """Free the engine's memory/processes. Idempotent."""
 
 
+# Opt-in audit trail for exactly-once tests: the path of a file to which every engine, in whatever process it
+# runs, appends one line per request it finished generating ("<request_id>\t<pid>").
+CALL_LOG_ENV = "S3RAY_ENGINE_CALL_LOG"
+
+
+def log_finished_calls(results: Sequence[GenerationResult]) -> None:
+    """Append the ids of the successful `results` to the call log named by $S3RAY_ENGINE_CALL_LOG, if set.
+    One O_APPEND write per call, so lines from concurrent processes never interleave, and nothing is buffered
+    that a SIGKILL could lose after the engine returned."""
+    path = os.environ.get(CALL_LOG_ENV)
+    lines = "".join(f"{r.request_id}\t{os.getpid()}\n" for r in results if r.ok)
+    if not path or not lines:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, lines.encode())
+    finally:
+        os.close(fd)
+
+
 def request_seed(req: GenerationRequest, engine_seed: int) -> int:
     """The request's own seed, else one derived from (engine seed, request id).
 
@@ -63,18 +83,3 @@ def render_prompt_ids(tokenizer, req: GenerationRequest) -> list[int]:
     text = render_prompt(tokenizer, req)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-
-CALL_LOG_ENV = "S3RAY_ENGINE_CALL_LOG"
-
-
-def log_engine_calls(results: Sequence[GenerationResult]) -> None:
-    """Opt-in audit for resume tests: with S3RAY_ENGINE_CALL_LOG=path set, append the id of every request an
-    engine finished (in whatever process it runs). One O_APPEND write per chunk, so processes don't interleave."""
-    path = os.environ.get(CALL_LOG_ENV)
-    if path:
-        lines = "".join(f"{r.request_id}\n" for r in results if r.ok)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, lines.encode())
-        finally:
-            os.close(fd)

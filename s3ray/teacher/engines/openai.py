@@ -21,7 +21,7 @@ import httpx
 
 from s3ray.config import TeacherConfig
 from s3ray.redact import redact_url
-from s3ray.teacher.engines.base import Engine, error_text, failed, request_seed
+from s3ray.teacher.engines.base import Engine, error_text, failed, log_finished_calls, request_seed
 from s3ray.teacher.types import GenerationRequest, GenerationResult
 
 __all__ = ["OpenAIEngine", "redact_url"]
@@ -110,7 +110,9 @@ class OpenAIEngine(Engine):
             return failed(req, f"malformed response: {error_text(e)}")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return list(self._pool.map(self._one, requests))
+        results = list(self._pool.map(self._one, requests))
+        log_finished_calls(results)
+        return results
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -15,7 +15,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from s3ray.config import TeacherConfig
-from s3ray.teacher.engines.base import Engine, check_sampling, failed, render_prompt, request_seed
+from s3ray.teacher.engines.base import (
+    Engine,
+    check_sampling,
+    failed,
+    log_finished_calls,
+    render_prompt,
+    request_seed,
+)
 from s3ray.teacher.types import GenerationRequest, GenerationResult, derive_seed
 
 
@@ -43,7 +50,9 @@ class TransformersEngine(Engine):
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         with self._lock:
-            return self._generate(requests)
+            results = self._generate(requests)
+        log_finished_calls(results)
+        return results
 
     def _generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)

@@ -21,6 +21,7 @@ from s3ray.teacher.engines.base import (
     check_sampling,
     error_text,
     failed,
+    log_finished_calls,
     render_prompt_ids,
     request_seed,
 )
@@ -143,6 +144,7 @@ class VLLMEngine(Engine):
             self._fail_all(f"no progress within teacher.request_timeout_s={self.cfg.request_timeout_s:g} s")
         if any(r is None for r in results):
             raise RuntimeError(f"vLLM engine stopped mid-call: {self.broken or 'closed'}")
+        log_finished_calls(results)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
     def _step_loop(self) -> None:
