@@ -9,16 +9,13 @@ visible from every node), and a resubmitted job continues the corpus it finds (-
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-from s3ray import storage
-from s3ray.cli import build_parser, main
-from s3ray.config import ConfigError, load_config
+from s3ray.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from s3_job import check_run_storage  # the sibling job script, not a package
+from s3_job import checked_config, in_ray_job  # the sibling job script, not a package
 
 
 def job_argv(argv: list[str], in_job: bool, corpus_exists) -> list[str]:
@@ -32,13 +29,9 @@ def job_argv(argv: list[str], in_job: bool, corpus_exists) -> list[str]:
 
 
 def run_job(argv: list[str]) -> int:
-    in_job = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
-    pre = build_parser().parse_args(["generate", *argv])
-    try:
-        cfg = load_config(pre.config, pre.overrides)
-        check_run_storage(cfg.run.output_dir, cfg.ray.address, in_job)
-    except (ConfigError, storage.StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    in_job = in_ray_job()
+    cfg = checked_config(["generate", *argv], in_job)
+    if cfg is None:
         return 2
     state = Path(cfg.run.output_dir).expanduser() / "corpus_state" / "state.json"
     rc = main(job_argv(argv, in_job, state.is_file))

@@ -47,15 +47,28 @@ def check_run_storage(output_dir: str, address: str | None, in_job: bool) -> Non
             storage.check_visible_from_all_nodes(storage.absolute_output_dir(output_dir))
 
 
-def run_job(argv: list[str]) -> int:
-    in_job = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
-    argv = job_argv(argv, in_job)
-    args = build_parser().parse_args(argv)
+def in_ray_job() -> bool:
+    return bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
+
+
+def checked_config(cli_argv: list[str], in_job: bool, load=load_config):
+    """The job's config (read by `load`) once its run storage passed `check_run_storage`; None (the error
+    printed) if not."""
+    args = build_parser().parse_args(cli_argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load(args.config, args.overrides)
         check_run_storage(cfg.run.output_dir, cfg.ray.address, in_job)
     except (ConfigError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+    return cfg
+
+
+def run_job(argv: list[str]) -> int:
+    in_job = in_ray_job()
+    argv = job_argv(argv, in_job)
+    cfg = checked_config(argv, in_job)
+    if cfg is None:
         return 2
     rc = main(argv)
     out = storage.absolute_output_dir(cfg.run.output_dir)

@@ -204,3 +204,13 @@ def test_a_folder_is_replaced_whole_and_leaves_no_temp_copy(tmp_path):
     with pytest.raises(FileNotFoundError):  # a failed copy leaves the old folder and no temp copy
         storage.replace_local_dir(tmp_path / "missing", dest)
     assert (dest / "sub" / "w.bin").read_bytes() == b"new" and _no_temp_files(tmp_path / "run")
+
+
+def test_the_finetune_job_refuses_a_relative_run_dir_too():
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_JOB_ID": "02000000", "PYTHONPATH": str(repo)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "jobs/finetune_job.py", "configs/finetune/sst2-smollm2-lora-cpu.yaml"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "run.output_dir 'runs/sst2-smollm2-lora-cpu' is relative" in done.stderr
