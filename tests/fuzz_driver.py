@@ -10,6 +10,7 @@ through: progress is guaranteed and the number of attempts bounded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,15 +54,17 @@ def write_config(path: Path, out_dir: Path, teacher: Path, student: Path) -> Pat
 
 
 def driver_env(work: Path, tag: str) -> dict:
+    ray_dir = Path(tempfile.gettempdir()) / f"s3fz-{hashlib.sha1(str(work).encode()).hexdigest()[:10]}"
+    ray_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update({
         MARK: tag, CALL_LOG: str(work / "calls.log"), "PYTHONPATH": str(REPO),
-        # Every attempt's Ray session lives under this short folder (socket paths must stay short).
-        "RAY_TMPDIR": str(work / "ray"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        # Every attempt's Ray session lives under one short folder in the system temp dir: Ray's socket paths
+        # must stay under 107 bytes, which a deep pytest tmp_path (pytest-94/fz0/fuzz/...) already breaks.
+        "RAY_TMPDIR": str(ray_dir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "DS_ACCELERATOR": "cpu", "S3RAY_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1",
         "TQDM_DISABLE": "1",
     })
-    (work / "ray").mkdir(parents=True, exist_ok=True)
     return env
 
 
