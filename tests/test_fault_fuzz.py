@@ -49,7 +49,8 @@ def fuzzed(tmp_path_factory, tiny_teacher_dir, tiny_student_dir):
     result = fd.fuzz(fuzz_cfg, fuzz_work / "run", fuzz_work, durations, seed, MIN_KILLS, MAX_FUZZ_SECONDS, tag)
     print(f"reference run {ref_seconds:.0f} s (phases: { {k: round(v, 1) for k, v in durations.items()} }); "
           f"fuzzed run: {len(result.kills)} kills over {result.attempts} attempts in {result.seconds:.0f} s; "
-          f"kills per phase: {dict(Counter(k.phase for k in result.kills))}")
+          f"kills per phase: {dict(Counter(k.phase for k in result.kills))}; "
+          f"attempts whose Ray node timed out starting (resumed like kills): {result.start_timeouts}")
     return {"ref": ref_work / "run", "run": fuzz_work / "run", "work": fuzz_work, "cfg": fuzz_cfg, "tag": tag,
             "result": result, "ref_calls": fd.read_calls(ref_work / "calls.log")[0]}
 
