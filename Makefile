@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/sst2_quickstart.yaml
 STAMP := $(VENV)/.s3ray-installed
 
-.PHONY: install install-gpu demo test fuzz lint bench clean
+.PHONY: install install-gpu demo test fuzz corpus-scale lint bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt scripts/install.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh cpu
@@ -29,6 +29,10 @@ test: $(STAMP)
 # The crash-point fuzz: >= 30 SIGKILLs of a tiny S3 run, each resumed (15+ minutes on 2 cores).
 fuzz: $(STAMP)
 	$(BIN)/python -m pytest -q -m fuzz tests/test_fault_fuzz.py
+
+# A 20k-row corpus, SIGKILLed twice and resumed, equals the uninterrupted one (minutes on 2 cores).
+corpus-scale: $(STAMP)
+	$(BIN)/python -m pytest -q -m corpus_scale tests/test_corpus.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check s3ray tests benchmarks jobs

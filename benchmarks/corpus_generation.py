@@ -1,19 +1,26 @@
-"""Corpus generation: `s3ray generate`'s streaming path vs `ray.data.llm`, replica scaling, and driver memory.
+"""Corpus generation: `s3ray generate`'s streaming path vs `ray.data.llm` vs raw vLLM, replica scaling, driver memory.
 
-All in ONE run, on the same prompts (the corpus planner's own seed requests), model, sampling (fixed output
-length: ignore_eos) and hardware:
+All in ONE run, on the same prompts (the corpus planner's own seed requests, as the same token ids), model,
+engine arguments (the teacher's CPU workarounds: no chunked prefill with seeded requests), sampling (fixed
+output length: ignore_eos), requests in flight and CPU threads (OMP_NUM_THREADS = the cores, for each):
 
 - stream: `Teacher.generate_iter` (what `s3ray generate` feeds its shards from) over the Ray replica pool,
-  1 vLLM replica.
-- peer: `ray.data.llm.build_llm_processor` (`build_processor` in Ray 2.60) with `vLLMEngineProcessorConfig` with the three CPU-build changes
-  (placement_group_config CPU bundle, log_engine_metrics=False, chat_template_stage=False; prompts rendered
-  by the same chat template). If it fails, the exception is recorded and raw vLLM `LLM.generate` is the peer.
-- scaling: the stream path with 1 replica x N threads vs N replicas x 1 thread (CPU: cpus_per_replica).
-- rss: `s3ray generate` in a FRESH process on the tiny test teacher (transformers engine, few new tokens) at
-  each --rss-rows size; the driver's peak RSS at each finished shard, and its growth after the first shards.
+  1 vLLM replica holding every core.
+- ray_data_llm: `ray.data.llm.build_processor` (`build_llm_processor` before Ray 2.5x) with
+  `vLLMEngineProcessorConfig` (one engine actor whose placement group holds every core).
+- vllm_raw: `vllm.LLM.generate` in this process.
 
-    python benchmarks/corpus_generation.py --prompts 64 --max-tokens 32 --rss-rows 2000,10000
-    python benchmarks/corpus_generation.py --rss-rows 10000,100000 --skip peer scaling   # memory only
+Each is timed from a cold start (nothing running: engine start included, as a user waits for it), since
+`ray.data.llm` starts its engine inside the pipeline and cannot be timed warm; the stream and raw vLLM are
+also timed on a second pass over the same prompts on their warm engine. Ratios: stream over each peer with
+start, and stream over raw vLLM warm.
+
+- scaling: the stream path with 1 replica x N threads vs N replicas x 1 thread (warm).
+- rss: `s3ray generate` in a FRESH process on the tiny test teacher (transformers engine, few new tokens) at
+  each --rss-rows size; the driver's peak RSS at each finished shard, and its growth between the sizes.
+
+    python benchmarks/corpus_generation.py --skip rss                                   # ~10 min on 2 cores
+    python benchmarks/corpus_generation.py --rss-rows 10000,100000 --skip stream peer raw scaling   # memory
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ def _row(name: str, out_tokens: int, n: int, seconds: float, startup: float, **e
 
 
 def bench_stream(cfg, model_path: str, reqs, replicas: int, cpus: float) -> dict:
+    """The stream path on warm replicas (start and a small warm-up first): replica scaling."""
     from s3ray.teacher.teacher import make_teacher
 
     cfg = cfg.model_copy(update={"replicas": replicas, "cpus_per_replica": cpus, "engine": "vllm"})
@@ -77,36 +85,137 @@ def bench_stream(cfg, model_path: str, reqs, replicas: int, cpus: float) -> dict
                 replicas=replicas, cpus_per_replica=cpus)
 
 
-def bench_ray_data_llm(cfg, model_path: str, reqs) -> dict:
-    """The peer: ray.data.llm on the same rendered prompts (total time includes its engine start)."""
+def _e2e(name: str, tokens: int, n: int, total: float, steady: tuple[int, float] | None = None, **extra) -> dict:
+    """A cold run (engine start included: nothing was running before it) and, where the engine outlives it,
+    a second pass over the same prompts on the warm engine."""
+    row = {"examples": n, "output_tokens": tokens, "seconds_with_start": round(total, 2),
+           "tokens_per_s_with_start": round(tokens / total, 2), **extra}
+    msg = f"  {name:14s} {row['tokens_per_s_with_start']:7.1f} tok/s with engine start ({tokens} tokens, {total:.1f} s)"
+    if steady:
+        row.update(steady_seconds=round(steady[1], 2), steady_tokens_per_s=round(steady[0] / steady[1], 2))
+        msg += f"; warm: {row['steady_tokens_per_s']:.1f} tok/s"
+    print(msg, flush=True)
+    return row
+
+
+def bench_stream_e2e(cfg, model_path: str, reqs, threads: int) -> dict:
+    """`s3ray generate`'s path: Teacher.generate_iter over the Ray replica pool (1 vLLM replica, `threads` CPUs),
+    from a cold pool; then the same prompts again on the warm replica."""
+    from s3ray.teacher.teacher import make_teacher
+
+    cfg = cfg.model_copy(update={"replicas": 1, "cpus_per_replica": float(threads), "engine": "vllm"})
+    t0 = time.perf_counter()
+    with make_teacher(cfg, model_path, run_seed=0) as teacher:  # no cache: every request reaches the engine
+        block = teacher.chunk_size() * max(1, 256 // teacher.chunk_size())
+        cold = list(teacher.generate_iter(reqs, block, desc="stream"))
+        total = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        warm = list(teacher.generate_iter(reqs, block, desc="stream"))
+        seconds = time.perf_counter() - t0
+    bad = [r for r in cold + warm if not r.ok]
+    if bad:
+        raise RuntimeError(f"stream: {len(bad)} failed, e.g. {bad[0].error}")
+    return _e2e("s3ray stream", sum(r.output_tokens for r in cold), len(cold), total,
+                (sum(r.output_tokens for r in warm), seconds), threads=threads, in_flight=cfg.max_in_flight)
+
+
+def bench_ray_data_llm(cfg, model_path: str, reqs, threads: int) -> dict:
+    """The peer: ray.data.llm on the same token ids, engine arguments (CPU workarounds included), sampling and
+    threads (Ray sets OMP_NUM_THREADS to the actor's CPUs); its time includes its engine start."""
     import ray
     import ray.data.llm as rdl
     from ray.data.llm import vLLMEngineProcessorConfig
     from transformers import AutoTokenizer
 
-    from s3ray.teacher.cpu import vllm_engine_args
-    from s3ray.teacher.engines import render_prompt
+    from s3ray.teacher.cpu import engine_env
+    from s3ray.teacher.engines import render_prompt_ids
+    from s3ray.teacher.engines.vllm import engine_kwargs
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    rows = [{"prompt": render_prompt(tok, r), "seed": r.sampling.seed} for r in reqs]
-    max_tokens = reqs[0].sampling.max_tokens
+    rows = [{"tokenized_prompt": render_prompt_ids(tok, r), "seed": r.sampling.seed} for r in reqs]
+    s = reqs[0].sampling
+    kwargs = {k: v for k, v in engine_kwargs(cfg, model_path, 0, None).items() if k != "model"}
+    batch = 16  # batch x max_concurrent_batches = the stream replica's max_in_flight requests in the engine
     config = vLLMEngineProcessorConfig(
-        model_source=model_path, batch_size=64, concurrency=1,
-        # The teacher's own CPU workaround (no chunked prefill: seeded requests), so both paths run alike.
-        engine_kwargs={"max_model_len": cfg.vllm.max_model_len, "enforce_eager": True, "dtype": cfg.dtype,
-                       **vllm_engine_args(cfg)},
-        placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False, chat_template_stage=False,
-        tokenize_stage=True, detokenize_stage=True)
+        model_source=model_path, engine_kwargs=kwargs, batch_size=batch, concurrency=1,
+        max_concurrent_batches=max(1, cfg.max_in_flight // batch), runtime_env={"env_vars": engine_env(cfg)},
+        placement_group_config={"bundles": [{"CPU": threads}]}, log_engine_metrics=False,
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
     build = getattr(rdl, "build_llm_processor", None) or rdl.build_processor  # renamed in Ray 2.5x
+    sampling = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
+                "min_tokens": s.max_tokens, "ignore_eos": True}
     proc = build(config, preprocess=lambda row: {
-        "prompt": row["prompt"], "sampling_params": {"temperature": 0.9, "top_p": 0.95, "max_tokens": max_tokens,
-                                                     "min_tokens": max_tokens, "ignore_eos": True,
-                                                     "seed": int(row["seed"])}},
+        "tokenized_prompt": row["tokenized_prompt"], "sampling_params": {**sampling, "seed": int(row["seed"])}},
         postprocess=lambda row: {"n": int(row.get("num_generated_tokens") or len(row.get("generated_tokens") or []))})
     t0 = time.perf_counter()
     out = proc(ray.data.from_items(rows)).take_all()
+    total = time.perf_counter() - t0
+    return _e2e("ray.data.llm", sum(r["n"] for r in out), len(out), total, threads=threads,
+                in_flight=batch * config.max_concurrent_batches)
+
+
+def bench_vllm_raw(cfg, model_path: str, reqs, threads: int) -> dict:
+    """Raw vLLM `LLM.generate` in this process (same engine arguments, token ids, sampling), cold then warm."""
+    from s3ray.teacher.cpu import engine_env
+
+    os.environ.update({**engine_env(cfg), "OMP_NUM_THREADS": str(threads)})
+    from vllm import LLM, SamplingParams
+
+    from s3ray.teacher.engines import render_prompt_ids
+    from s3ray.teacher.engines.vllm import engine_kwargs
+
+    t0 = time.perf_counter()
+    llm = LLM(**engine_kwargs(cfg, model_path, 0, None))
+    tok = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": render_prompt_ids(tok, r)} for r in reqs]
+    params = [SamplingParams(temperature=r.sampling.temperature, top_p=r.sampling.top_p,
+                             max_tokens=r.sampling.max_tokens, min_tokens=r.sampling.max_tokens, ignore_eos=True,
+                             seed=r.sampling.seed) for r in reqs]
+    cold = llm.generate(prompts, params, use_tqdm=False)
+    total = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    warm = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t0
-    return _row("ray.data.llm", sum(r["n"] for r in out), len(out), seconds, 0.0, note="seconds include engine start")
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    count = lambda outs: sum(len(o.outputs[0].token_ids) for o in outs)
+    return _e2e("vllm raw", count(cold), len(cold), total, (count(warm), seconds), threads=threads)
+
+
+def compare_peers(res: dict, args, ncpu: int, work: Path) -> None:
+    """stream vs ray.data.llm vs raw vLLM in one run, each from a cold engine, then the ratios."""
+    from s3ray.config import TeacherConfig
+    from s3ray.models import resolve_teacher
+    from s3ray.runtime import init_ray
+
+    model_path = resolve_teacher(args.model)
+    cfg = TeacherConfig(vllm={"kv_cache_space_gb": 1, "max_model_len": 1024})
+    reqs = corpus_requests(args.prompts, args.max_tokens)
+    # Logical CPUs beyond the cores: ray.data.llm's engine actor reserves `ncpu` and its read/map tasks need
+    # some too; threads are set per engine (OMP_NUM_THREADS = ncpu for each of the three).
+    init_ray(num_cpus=ncpu + 2, temp_dir=str(work / "ray"))
+    r = res["results"]
+    if "stream" not in args.skip:
+        r["stream"] = bench_stream_e2e(cfg, model_path, reqs, ncpu)
+    if "peer" not in args.skip:
+        try:
+            r["ray_data_llm"] = bench_ray_data_llm(cfg, model_path, reqs, ncpu)
+        except Exception as e:  # noqa: BLE001 - record exactly why the peer did not run
+            res["ray_data_llm_error"] = f"{type(e).__name__}: {e}"[:1000]
+    if "scaling" not in args.skip and ncpu >= 2:
+        r["scaling_1x2"] = bench_stream(cfg, model_path, reqs, 1, 2.0)
+        r["scaling_2x1"] = bench_stream(cfg, model_path, reqs, 2, 1.0)
+    if "raw" not in args.skip:
+        r["vllm_raw"] = bench_vllm_raw(cfg, model_path, reqs, ncpu)  # last: vLLM stays imported in this process
+    if "stream" in r:
+        key = "tokens_per_s_with_start"
+        for peer in ("ray_data_llm", "vllm_raw"):
+            if peer in r:
+                res[f"stream_over_{peer}_with_start"] = round(r["stream"][key] / r[peer][key], 3)
+        if "vllm_raw" in r:
+            res["stream_over_vllm_raw_warm"] = round(r["stream"]["steady_tokens_per_s"]
+                                                     / r["vllm_raw"]["steady_tokens_per_s"], 3)
+        print("ratios:", {k: v for k, v in res.items() if k.startswith("stream_over")}, flush=True)
 
 
 def bench_rss(rows: int, shard: int, work: Path) -> dict:
@@ -142,16 +251,15 @@ def bench_rss(rows: int, shard: int, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct", help="teacher (spec or folder)")
-    ap.add_argument("--prompts", type=int, default=128)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rss-rows", default="10000,100000", help="corpus sizes for the memory check")
     ap.add_argument("--rss-shard", type=int, default=2000, help="corpus_shard_size for the memory check")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["stream", "peer", "scaling", "rss"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["stream", "peer", "raw", "scaling", "rss"])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "corpus_generation.json"))
     args = ap.parse_args(argv)
 
-    from s3ray.config import TeacherConfig
-    from s3ray.runtime import init_ray, set_cache_dirs
+    from s3ray.runtime import set_cache_dirs
 
     work = Path(tempfile.mkdtemp(prefix="s3bench-corpus-"))
     set_cache_dirs(work / "caches")
@@ -159,39 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"benchmark": "corpus_generation", "model": args.model, "prompts": args.prompts,
                  "max_tokens": args.max_tokens, "device": f"CPU ({ncpu} cores, {platform.processor() or 'x86-64'})",
                  "results": {}}
-    if not {"stream", "peer", "scaling"} <= set(args.skip):
-        from s3ray.models import resolve_teacher
-
-        model_path = resolve_teacher(args.model)
-        cfg = TeacherConfig(vllm={"kv_cache_space_gb": 1, "max_model_len": 1024})
-        reqs = corpus_requests(args.prompts, args.max_tokens)
-        init_ray(num_cpus=ncpu, temp_dir=str(work / "ray"))
-        if "stream" not in args.skip:
-            res["results"]["stream"] = bench_stream(cfg, model_path, reqs, 1, float(ncpu))
-        if "peer" not in args.skip:
-            try:
-                res["results"]["ray_data_llm"] = bench_ray_data_llm(cfg, model_path, reqs)
-            except Exception as e:  # noqa: BLE001 - record exactly why the peer did not run, then fall back
-                res["ray_data_llm_error"] = f"{type(e).__name__}: {e}"[:1000]
-                from teacher_throughput import bench_vllm_raw
-
-                res["results"]["vllm_raw"] = bench_vllm_raw(cfg.model_copy(update={"cpus_per_replica": ncpu}),
-                                                             model_path, reqs)
-        if "scaling" not in args.skip and ncpu >= 2:
-            res["results"]["scaling_1x2"] = bench_stream(cfg, model_path, reqs, 1, 2.0)
-            res["results"]["scaling_2x1"] = bench_stream(cfg, model_path, reqs, 2, 1.0)
-        r = res["results"]
-        peer = r.get("ray_data_llm") or r.get("vllm_raw")
-        if "stream" in r and peer:
-            res["stream_over_peer"] = round(r["stream"]["tokens_per_s"] / peer["tokens_per_s"], 3)
-            # ray.data.llm's time includes its engine start; this ratio counts the stream path's start too.
-            s_all = r["stream"]["output_tokens"] / (r["stream"]["seconds"] + r["stream"]["startup_s"])
-            p_all = peer["output_tokens"] / (peer["seconds"] + peer["startup_s"])
-            res["stream_over_peer_with_startup"] = round(s_all / p_all, 3)
-            print(f"stream / peer: {res['stream_over_peer']:.2f}x (with engine start: "
-                  f"{res['stream_over_peer_with_startup']:.2f}x)", flush=True)
+    if not {"stream", "peer", "raw", "scaling"} <= set(args.skip):
+        compare_peers(res, args, ncpu, work)
     if "rss" not in args.skip:
         res["rss"] = [bench_rss(int(n), args.rss_shard, work) for n in args.rss_rows.split(",")]
+        base = res["rss"][0]["peak_rss_mb_per_shard"][-1]
+        res["rss_growth_first_to_last_size"] = round(res["rss"][-1]["peak_rss_mb_per_shard"][-1] / base - 1, 4)
+        print(f"driver peak RSS growth {args.rss_rows}: {100 * res['rss_growth_first_to_last_size']:.1f}%")
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

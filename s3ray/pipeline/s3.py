@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,9 +30,18 @@ from s3ray.pipeline.rundir import RunDir
 from s3ray.pipeline.steps import MiningResult, RationalesResult, StepFailed, StudentResult, SynthesisResult
 from s3ray.runtime import init_ray, set_cache_dirs
 from s3ray.student import evaluate_student, train_student
+from s3ray.synthesis import stream
 from s3ray.synthesis.collect import SynthesisStats, collect_examples, collect_rationales, rows_to_table
 from s3ray.synthesis.dedup import Deduplicator
-from s3ray.synthesis.plan import balanced_counts, cap_errors, plan_ees, plan_rationales, plan_seed
+from s3ray.synthesis.plan import (
+    Planned,
+    balanced_counts,
+    cap_errors,
+    iter_ees,
+    iter_seed,
+    plan_rationales,
+    plan_seed,
+)
 from s3ray.tasks import make_task, task_class
 from s3ray.teacher.teacher import make_teacher, teacher_model_path
 
@@ -148,26 +157,33 @@ class S3Steps:
     def rows(self, files: list[str]) -> list[dict]:
         return [row for f in files for row in self.run.read_parquet(f)]
 
-    def new_dedup(self, rows_so_far: list[dict]) -> Deduplicator:
-        """Synthetic rows must differ from each other and must not copy a real validation/test row."""
+    def new_dedup(self, prior_files: list[str]) -> Deduplicator:
+        """Synthetic rows must differ from each other (and from the rows in `prior_files`, read a batch at a
+        time) and must not copy a real validation/test row."""
         d = Deduplicator(self.syn.near_duplicate_threshold)
         d.protect(self.task.dedup_text(r) for r in self.inputs.validation + (self.inputs.test or []))
-        for r in rows_so_far:
-            d.add(self.task.dedup_text(r))
+        for row in stream.iter_parquet_rows(self.run.abs(f) for f in prior_files):
+            d.add(self.task.dedup_text(row))
         return d
 
-    def _synthesize(self, planned, rows_so_far, rel: str, desc: str, may_be_empty: bool = True) -> SynthesisResult:
-        rows, stats = collect_examples(planned, self.generate(planned, desc), self.task,
-                                       self.new_dedup(rows_so_far), self.teacher.model_name)
-        check_failed_calls(stats, self.syn.max_failed_call_fraction, desc)
-        if not rows and not may_be_empty:
+    def _synthesize(self, planned: Iterable[Planned], prior_files: list[str], rel: str, desc: str,
+                    may_be_empty: bool = True) -> SynthesisResult:
+        """Stream `planned` through the teacher into the step's parts, then merge them into `rel`
+        (synthesis/stream.py: lazy planning, bounded blocks, parts kept across a crash)."""
+        parts = stream.StepParts(self.run.abs(rel).with_suffix(".parts"),
+                                 stream.aligned_shard_size(self.teacher, self.syn.corpus_shard_size))
+        block = stream.block_size(self.teacher, self.cfg.teacher.max_in_flight, self.cfg.teacher.replicas)
+        limit = self.syn.max_failed_call_fraction
+        stats, n_parts = stream.stream_step(planned, self.teacher, self.task, self.new_dedup(prior_files), parts,
+                                            block, lambda st, where: check_failed_calls(st, limit, where), desc)
+        if not stats.kept and not may_be_empty:
             raise StepFailed(
                 f"{desc} kept no rows out of {stats.requested} requests (dropped: {dict(stats.dropped)}, "
                 f"failed calls: {stats.failed_calls}); check the teacher model and prompts"
             )
-        self.run.write_parquet(rel, rows_to_table(rows, self.task))
+        parts.merge_into(self.run.abs(rel), self.task, n_parts)
         log.info("%s: kept %d of %d (%s)", desc, stats.kept, stats.requested, dict(stats.dropped) or "no drops")
-        return SynthesisResult(path=rel, rows=len(rows), stats=stats.to_dict())
+        return SynthesisResult(path=rel, rows=stats.kept, stats=stats.to_dict())
 
     # Step 1
     def write_rationales(self) -> RationalesResult:
@@ -182,7 +198,7 @@ class S3Steps:
 
     # Step 2
     def synthesize_seed(self, rationales: dict[str, list[str]]) -> SynthesisResult:
-        planned = plan_seed(self.task, self.syn.seed_examples, rationales, self.syn.rationales_per_example,
+        planned = iter_seed(self.task, self.syn.seed_examples, rationales, self.syn.rationales_per_example,
                             self.inputs.contexts, self.cfg.teacher.sampling, self.seed)
         return self._synthesize(planned, [], steps.round_file(0), "seed synthesis", may_be_empty=False)
 
@@ -206,28 +222,27 @@ class S3Steps:
                             n_hard=res.n_hard, metrics=res.metrics)
 
     # Step 5
-    def extrapolate_errors(self, mined: MiningResult, rows_so_far: list[dict], round_: int) -> SynthesisResult:
+    def extrapolate_errors(self, mined: MiningResult, round_files: list[str], round_: int) -> SynthesisResult:
         errors = read_errors(str(self.run.abs(mined.errors_path)))  # one row per id
         errors = cap_errors(errors, self.syn.max_ees_per_round, self.seed, round_)
         counts = None
         if self.syn.ees_balance == "per_label":
             counts = balanced_counts(errors, self.task.labels, self.syn.ees_per_error, self.seed, round_)
-        planned = plan_ees(self.task, errors, self.syn.ees_per_error, round_, self.cfg.teacher.sampling, self.seed,
+        planned = iter_ees(self.task, errors, self.syn.ees_per_error, round_, self.cfg.teacher.sampling, self.seed,
                            counts)
-        return self._synthesize(planned, rows_so_far, steps.round_file(round_), f"error extrapolation {round_}")
+        return self._synthesize(planned, round_files, steps.round_file(round_), f"error extrapolation {round_}")
 
     # Equal-budget baseline
     def synthesize_extra_seed(self, rationales: dict[str, list[str]], target: int) -> SynthesisResult:
         """More seed rows (same prompts, continued numbering) until seed + extra == the final S3 set size."""
-        seed_rows = self.run.read_parquet(steps.round_file(0))
-        dedup = self.new_dedup(seed_rows)  # a seed-only run never saw the EES rows
-        have, extra, total = len(seed_rows), [], SynthesisStats()
+        dedup = self.new_dedup([steps.round_file(0)])  # a seed-only run never saw the EES rows
+        have, extra, total = stream.parquet_rows(self.run.abs(steps.round_file(0))), [], SynthesisStats()
         start = self.syn.seed_examples
         for _attempt in range(5):
             need = target - have - len(extra)
             if need <= 0:
                 break
-            kept, asked = total.kept or len(seed_rows), total.requested or self.syn.seed_examples
+            kept, asked = total.kept or have, total.requested or self.syn.seed_examples
             n = math.ceil(need / max(0.2, kept / max(1, asked)) * 1.15) + 2  # expected drops, plus a margin
             planned = plan_seed(self.task, n, rationales, self.syn.rationales_per_example, self.inputs.contexts,
                                 self.cfg.teacher.sampling, self.seed, start=start)
@@ -303,11 +318,11 @@ def _run_steps(s3: S3Steps, step: StepRecorder) -> None:
         rows = s3.rows(round_files)
         student = step(steps.train(r), s3.train, rows, inputs.validation, f"round{r}")
         mined = step(steps.mine(r), s3.mine_errors, student, r)
-        step(steps.synthesis(r + 1), s3.extrapolate_errors, mined, rows, r + 1)
+        step(steps.synthesis(r + 1), s3.extrapolate_errors, mined, list(round_files), r + 1)
         round_files.append(steps.round_file(r + 1))
 
-    final_rows = s3.rows(round_files)
-    s3.run.write_parquet(steps.FINAL_TRAIN_FILE, rows_to_table(final_rows, inputs.task))
+    stream.merge_parquet([s3.run.abs(f) for f in round_files], s3.run.abs(steps.FINAL_TRAIN_FILE), inputs.task)
+    final_rows = s3.rows(round_files)  # the student trains on rows in memory
     extra = None
     if cfg.baselines.equal_budget:  # its extra seed rows need the teacher: generate them before release
         extra = step(steps.EQUAL_BUDGET_SYNTHESIS, s3.synthesize_extra_seed, rationales, len(final_rows))

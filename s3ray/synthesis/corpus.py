@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import shutil
 import sys
@@ -28,11 +27,12 @@ from s3ray.config import S3Config
 from s3ray.pipeline.rundir import atomic_write_bytes
 from s3ray.pipeline.s3 import RunInputs, check_failed_calls
 from s3ray.runtime import init_ray, set_cache_dirs
-from s3ray.synthesis.collect import collect_examples, collect_rationales, rows_to_table
+from s3ray.synthesis.collect import collect_rationales, rows_to_table
 from s3ray.synthesis.dedup import Deduplicator
 from s3ray.synthesis.dedup_scale import drops_of_shard, find_duplicates
 from s3ray.synthesis.plan import plan_rationales, plan_seed
 from s3ray.synthesis.shards import STATE_DIR, CorpusState, shard_name
+from s3ray.synthesis.stream import block_size, synthesize_shard
 from s3ray.teacher.teacher import Teacher, make_teacher
 
 log = logging.getLogger("s3ray.corpus")
@@ -98,23 +98,13 @@ def _rationales(state: CorpusState, cfg: S3Config, inputs: RunInputs, teacher: T
     return got
 
 
-def _block_size(teacher: Teacher, cfg: S3Config) -> int:
-    """Requests per generate_iter block: a multiple of the backend's chunk (exact resume), enough to keep
-    every replica's in-flight window full."""
-    cs = teacher.chunk_size()
-    want = max(256, 4 * cfg.teacher.max_in_flight * cfg.teacher.replicas)
-    return cs * max(1, math.ceil(want / cs))
-
-
 def _generate_shard(i: int, cfg: S3Config, inputs: RunInputs, rationales, teacher: Teacher, dedup: ProtectOnly,
                     block: int):
     size = cfg.synthesis.corpus_shard_size
     planned = plan_seed(inputs.task, size, rationales, cfg.synthesis.rationales_per_example, inputs.contexts,
                         cfg.teacher.sampling, cfg.run.seed, start=i * size)
-    results = list(teacher.generate_iter((p.request for p in planned), block, desc=f"shard {i}"))
-    rows, stats = collect_examples(planned, results, inputs.task, dedup, cfg.teacher.model)
+    rows, stats, cached_tokens = synthesize_shard(planned, teacher, inputs.task, dedup, block, f"shard {i}")
     check_failed_calls(stats, cfg.synthesis.max_failed_call_fraction, f"corpus shard {i}")
-    cached_tokens = sum(r.prompt_tokens + r.output_tokens for r in results if r.cached)
     record = {"start": i * size, "end": (i + 1) * size, "rows": len(rows), "requested": stats.requested,
               "dropped": dict(stats.dropped), "failed_calls": stats.failed_calls, "cached": stats.cached,
               "prompt_tokens": stats.prompt_tokens, "output_tokens": stats.output_tokens,
@@ -168,7 +158,7 @@ def generate_corpus(cfg: S3Config, inputs: RunInputs, resume: bool = False, back
         for _ in range(MAX_DEDUP_PASSES):
             progress = Progress(target, _rows_now(state))
             while _rows_now(state) < target:
-                block = block or _block_size(teacher, cfg)
+                block = block or block_size(teacher, cfg.teacher.max_in_flight, cfg.teacher.replicas)
                 i = len(state.shards)
                 table, record = _generate_shard(i, cfg, inputs, rationales, teacher, dedup, block)
                 state.write_shard(i, table, record)

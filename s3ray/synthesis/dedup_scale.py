@@ -2,8 +2,9 @@
 
 Each row yields keys: one for its normalised text (exact) and one per LSH band of its word-shingle MinHash
 (the same normalisation, shingles, permutations and threshold as `Deduplicator`, with datasketch's band
-split for that threshold). Rows sharing a key form a cluster; Ray Data groups by key and drops every member
-but the lowest request index, with reason exact_duplicate (shared text) or near_duplicate (a shared band).
+split for that threshold). Rows sharing a key form a cluster; Ray Data shuffles keys into hash buckets, and
+each bucket (pandas, vectorised) drops every member of a cluster but the lowest request index, with reason
+exact_duplicate (shared text) or near_duplicate (a shared band).
 Lowest-index-wins makes passes monotone: shards generated later never change what earlier passes kept.
 Copies of real validation/test rows are dropped earlier, per row, while shards are written.
 """
@@ -11,6 +12,7 @@ Copies of real validation/test rows are dropped earlier, per row, while shards a
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from datasketch import MinHashLSH
 from s3ray.synthesis.dedup import _NUM_PERM, _minhash, normalize
 
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
+KEYS_PER_BUCKET = 200_000  # rows of one map_groups call: bounded worker memory, few Python calls
 
 
 def band_params(threshold: float) -> tuple[int, int]:
@@ -34,8 +37,13 @@ def request_index(row_id: str) -> int:
     return int(str(row_id).rsplit("/", 1)[1])
 
 
-def row_keys(batch: pd.DataFrame, text_fields: list[str], bands: int, rows: int) -> pd.DataFrame:
-    """One output row per (input row, key)."""
+def bucket_of(values: pd.Series, buckets: int) -> np.ndarray:
+    """A stable bucket per value (the same in every worker process)."""
+    return (pd.util.hash_pandas_object(values, index=False).to_numpy() % np.uint64(buckets)).astype(np.int64)
+
+
+def row_keys(batch: pd.DataFrame, text_fields: list[str], bands: int, rows: int, buckets: int) -> pd.DataFrame:
+    """One output row per (input row, key), with the key's bucket."""
     out: dict[str, list] = {"key": [], "idx": [], "id": [], "shard": []}
     texts = batch[text_fields].astype(str).agg(" ".join, axis=1)
     for row_id, path, text in zip(batch["id"], batch["path"], texts):
@@ -48,24 +56,28 @@ def row_keys(batch: pd.DataFrame, text_fields: list[str], bands: int, rows: int)
             out["idx"].append(idx)
             out["id"].append(row_id)
             out["shard"].append(shard)
-    return pd.DataFrame(out)
+    df = pd.DataFrame(out)
+    df["bucket"] = bucket_of(df["key"], buckets)
+    return df
 
 
-def cluster_losers(group: pd.DataFrame) -> pd.DataFrame:
-    """Every member of one key's cluster but the lowest request index, with why it is dropped."""
-    group = group.drop_duplicates("idx")
-    if len(group) < 2:
-        return pd.DataFrame({"id": [], "shard": [], "rank": []}).astype({"shard": np.int64, "rank": np.int64})
-    losers = group[group["idx"] != group["idx"].min()]
-    rank = 0 if str(group["key"].iloc[0]).startswith("x") else 1  # exact outranks near for the count
-    return pd.DataFrame({"id": losers["id"], "shard": losers["shard"], "rank": rank})
+def cluster_losers(group: pd.DataFrame, buckets: int) -> pd.DataFrame:
+    """Within one bucket of keys: every member of each key's cluster but the lowest request index, with
+    whether the key was exact (rank 0) or a band (rank 1), and the bucket of its id."""
+    group = group.drop_duplicates(["key", "idx"])
+    losers = group[group["idx"] != group.groupby("key")["idx"].transform("min")]
+    out = pd.DataFrame({"id": losers["id"].astype(str), "shard": losers["shard"].astype(np.int64),
+                        "rank": np.where(losers["key"].str.startswith("x"), 0, 1).astype(np.int64)})
+    out["bucket"] = bucket_of(out["id"], buckets)
+    return out.reset_index(drop=True)
 
 
 def one_reason(group: pd.DataFrame) -> pd.DataFrame:
-    """A row dropped through several keys counts once, as exact when any of them was exact."""
-    best = int(group["rank"].min())
-    return pd.DataFrame({"id": [group["id"].iloc[0]], "shard": [int(group["shard"].iloc[0])],
-                         "reason": [EXACT if best == 0 else NEAR]})
+    """Within one bucket of ids: a row dropped through several keys counts once, as exact when any of them
+    was exact."""
+    best = group.groupby("id", sort=True).agg(shard=("shard", "min"), rank=("rank", "min")).reset_index()
+    return pd.DataFrame({"id": best["id"].astype(str), "shard": best["shard"].astype(np.int64),
+                         "reason": np.where(best["rank"] == 0, EXACT, NEAR)})
 
 
 def find_duplicates(shard_files: list[Path], text_fields: list[str], threshold: float, out_dir: Path) -> int:
@@ -74,13 +86,17 @@ def find_duplicates(shard_files: list[Path], text_fields: list[str], threshold: 
     import ray.data  # Ray Data only where the corpus-wide pass runs
 
     bands, rows = band_params(threshold)
+    # Keys are grouped by bucket, not one by one: a Python call per key (millions) would dominate the pass.
+    n_keys = sum(_rows_in(f) for f in shard_files) * (bands + 1)
+    buckets = max(4, math.ceil(n_keys / KEYS_PER_BUCKET))
     ds = ray.data.read_parquet([str(f) for f in shard_files], include_paths=True).select_columns(
         ["id", "path", *text_fields])
     keys = ds.map_batches(row_keys, batch_format="pandas", fn_kwargs={"text_fields": text_fields, "bands": bands,
-                                                                      "rows": rows})
-    parts = max(2, min(200, len(shard_files)))  # Ray's default of 200 hash partitions swamps a small corpus
-    losers = keys.groupby("key", num_partitions=parts).map_groups(cluster_losers, batch_format="pandas")
-    drops = losers.groupby("id", num_partitions=parts).map_groups(one_reason, batch_format="pandas")
+                                                                      "rows": rows, "buckets": buckets})
+    parts = max(2, min(200, len(shard_files), buckets))  # Ray's default of 200 hash partitions swamps a small corpus
+    losers = keys.groupby("bucket", num_partitions=parts).map_groups(
+        cluster_losers, batch_format="pandas", fn_kwargs={"buckets": buckets})
+    drops = losers.groupby("bucket", num_partitions=parts).map_groups(one_reason, batch_format="pandas")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)  # Ray Data writes no folder when there is nothing to drop

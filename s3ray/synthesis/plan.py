@@ -7,6 +7,7 @@ sampling seed derived from the run seed and that id: samples differ per request 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from s3ray.teacher.types import GenerationRequest, Sampling, derive_seed
@@ -61,13 +62,18 @@ def plan_seed(
     start: int = 0,
     source: str = "seed",
 ) -> list[Planned]:
-    """Step 2: n label-conditioned requests, numbered from `start` (extra batches continue the numbering).
+    """Step 2: n label-conditioned requests, numbered from `start` (extra batches continue the numbering)."""
+    return list(iter_seed(task, n, rationales, k, contexts, sampling_cfg, run_seed, start, source))
+
+
+def iter_seed(task, n: int, rationales: dict[str, list[str]], k: int, contexts: list[dict] | None, sampling_cfg,
+              run_seed: int, start: int = 0, source: str = "seed") -> Iterator[Planned]:
+    """`plan_seed`, one request at a time (the streaming path plans lazily).
 
     Labels are balanced (a shuffled round-robin: the paper picks them uniformly); each prompt samples k of the
     label's rationales without replacement; pair/QA prompts keep a real context, cycling through the pool.
     """
     labels = task.labels or [None]
-    out = []
     for i in range(start, start + n):
         rng = random.Random(derive_seed(run_seed, source, i))
         # Balanced label order per block of len(labels) examples.
@@ -82,8 +88,7 @@ def plan_seed(
             context = task.seed_context(row, random.Random(derive_seed(run_seed, source, "answer", i)))
         msgs = task.seed_messages(label, picked, context)
         req = _request(f"{source}/{i}", msgs, sampling_cfg, run_seed)
-        out.append(Planned(req, source, 0, label=label, context=context, rationales=picked))
-    return out
+        yield Planned(req, source, 0, label=label, context=context, rationales=picked)
 
 
 def cap_errors(errors: list[dict], cap: int | None, run_seed: int, round_: int) -> list[dict]:
@@ -128,13 +133,14 @@ def plan_ees(task, errors: list[dict], per_error: int, round_: int, sampling_cfg
              counts: dict[str, int] | None = None) -> list[Planned]:
     """Step 5: per student error, `per_error` requests (or `counts[id]`) for a similar example with the GOLD
     label."""
-    out = []
+    return list(iter_ees(task, errors, per_error, round_, sampling_cfg, run_seed, counts))
+
+
+def iter_ees(task, errors: list[dict], per_error: int, round_: int, sampling_cfg, run_seed: int,
+             counts: dict[str, int] | None = None) -> Iterator[Planned]:
+    """`plan_ees`, one request at a time (the streaming path plans lazily)."""
     for err in errors:
         for j in range(per_error if counts is None else counts.get(str(err["id"]), 0)):
             rid = f"ees/round{round_}/{err['id']}/{j}"
-            msgs = task.ees_messages(err)
-            req = _request(rid, msgs, sampling_cfg, run_seed)
-            out.append(
-                Planned(req, "ees", round_, label=err.get("label"), context=err, parent_error_id=str(err["id"]))
-            )
-    return out
+            req = _request(rid, task.ees_messages(err), sampling_cfg, run_seed)
+            yield Planned(req, "ees", round_, label=err.get("label"), context=err, parent_error_id=str(err["id"]))

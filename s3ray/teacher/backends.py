@@ -92,6 +92,17 @@ class LocalBackend:
             self.engine = None
 
 
+def chunk_size_of(cfg: TeacherConfig, backend: str) -> int:
+    """Requests per engine call of each backend, known before it starts (callers align shards to it)."""
+    if backend == "http":
+        return cfg.openai.concurrency * 4
+    if backend == "local":
+        return max(1, math.ceil(cfg.max_in_flight))
+    # Ray pool: small chunks keep load balanced and lose little work when a replica dies; the engine merges
+    # a replica's concurrent chunks into one batch, so they cost no throughput.
+    return max(1, min(16, math.ceil(cfg.max_in_flight / 4)))
+
+
 class HttpBackend(LocalBackend):
     """An OpenAI-compatible endpoint: `teacher.openai.concurrency` requests in flight (the engine's threads)."""
 
@@ -100,11 +111,11 @@ class HttpBackend(LocalBackend):
 
         self.endpoint = redact_url(cfg.openai.base_url)
         super().__init__(lambda: OpenAIEngine(cfg, model, derive_seed(run_seed, "replica", 0)),
-                         chunk_size=cfg.openai.concurrency * 4, max_restarts=cfg.max_restarts)
+                         chunk_size=chunk_size_of(cfg, "http"), max_restarts=cfg.max_restarts)
 
 
 def local_backend(cfg: TeacherConfig, model_path: str, run_seed: int) -> LocalBackend:
     """`cfg.engine` in this process (the engine seed of replica 0, as the Ray pool's first replica)."""
     seed = derive_seed(run_seed, "replica", 0)
     return LocalBackend(lambda: make_engine(cfg, model_path, seed),
-                        chunk_size=max(1, math.ceil(cfg.max_in_flight)), max_restarts=cfg.max_restarts)
+                        chunk_size=chunk_size_of(cfg, "local"), max_restarts=cfg.max_restarts)

@@ -35,7 +35,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from s3ray.config import TeacherConfig
 from s3ray.runtime import alive_nodes, init_ray, set_cache_dirs
-from s3ray.teacher.backends import Faults, OnChunk
+from s3ray.teacher.backends import Faults, OnChunk, chunk_size_of
 from s3ray.teacher.cpu import engine_env
 from s3ray.teacher.engines import make_engine
 from s3ray.teacher.engines.base import CALL_LOG_ENV, error_text, failed
@@ -109,9 +109,7 @@ class RayReplicaPool:
 
     def __init__(self, cfg: TeacherConfig, model_path: str, run_seed: int, chunk_size: int | None = None) -> None:
         self.cfg, self.model_path, self.run_seed = cfg, str(model_path), run_seed
-        # Small chunks keep load balanced and lose little work when a replica dies; the engine merges a
-        # replica's concurrent chunks into one batch, so they cost no throughput.
-        self.chunk_size = chunk_size or max(1, min(16, math.ceil(cfg.max_in_flight / 4)))
+        self.chunk_size = chunk_size or chunk_size_of(cfg, "ray")
         self.sent = 0
         self.faults = Faults()
         self._last_failure = "none"

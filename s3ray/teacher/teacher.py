@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from s3ray.config import TeacherConfig
 from s3ray.redact import redact_url
-from s3ray.teacher.backends import Backend, Faults, HttpBackend, local_backend
+from s3ray.teacher.backends import Backend, Faults, HttpBackend, chunk_size_of, local_backend
 from s3ray.teacher.cache import GenerationCache
 from s3ray.teacher.types import GenerationRequest, GenerationResult, TeacherError
 
@@ -95,8 +95,9 @@ class Teacher:
     """Ordered, cached, retried generation over one lazily started backend."""
 
     def __init__(self, cfg: TeacherConfig, backend_factory: Callable[[], Backend], model_name: str,
-                 cache_model: str, cache_path: str | Path | None = None) -> None:
+                 cache_model: str, cache_path: str | Path | None = None, chunk_hint: int | None = None) -> None:
         self.cfg = cfg
+        self._chunk_hint = chunk_hint  # the backend's chunk_size, so callers can align without starting it
         self.model_name = model_name  # provenance
         self.cache_model = cache_model  # part of every cache key (model_identity)
         self.cache = GenerationCache(cache_path) if cache_path is not None else None
@@ -160,8 +161,10 @@ class Teacher:
             yield from self.generate(block, desc=desc, progress=False)
 
     def chunk_size(self) -> int:
-        """Requests per engine call of the backend (starts it)."""
-        return int(self._ensure_backend().chunk_size)
+        """Requests per engine call of the backend (known from the config; starts nothing)."""
+        if self._backend is not None:
+            return int(self._backend.chunk_size)
+        return self._chunk_hint or int(self._ensure_backend().chunk_size)
 
     def _run(self, todo: list[GenerationRequest], by_id: dict[str, GenerationResult], bar) -> None:
         answered: set[str] = set()
@@ -255,4 +258,5 @@ def make_teacher(cfg: TeacherConfig, model_path: str, run_seed: int, cache_path:
             return RayReplicaPool(cfg, model_path, run_seed)
     else:
         raise ValueError(f"backend {backend!r}: use ray, local or http")
-    return Teacher(cfg, factory, name, model_identity(cfg, name, model_path), cache_path)
+    return Teacher(cfg, factory, name, model_identity(cfg, name, model_path), cache_path,
+                   chunk_hint=chunk_size_of(cfg, backend))
