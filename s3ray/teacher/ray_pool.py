@@ -146,8 +146,9 @@ class RayReplicaPool:
                 ray.get(slot.ready_ref, timeout=max(0.0, deadline - time.monotonic()))
                 slot.ready_ref = None
             except GetTimeoutError:
+                why = self._start_timeout_text(slot)  # before close() removes the placement group
                 self.close()
-                raise TeacherError(self._start_timeout_text(slot)) from None
+                raise TeacherError(why) from None
             except RayError as e:
                 self.close()
                 raise TeacherError(f"teacher replica {slot.index} failed to start ({self.cfg.engine} on "
