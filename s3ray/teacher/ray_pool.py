@@ -182,11 +182,11 @@ class RayReplicaPool:
         opts: dict = {"max_concurrency": math.ceil(cfg.max_in_flight / self.chunk_size) + 2, "max_restarts": 0,
                       "runtime_env": {"env_vars": env}}
         slot.placement_group = placement_group(self.bundles, strategy="STRICT_PACK")
-        spread = self.use_gpu and world > 1
+        multi_gpu = self.use_gpu and world > 1
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=slot.placement_group, placement_group_bundle_index=0,
-            placement_group_capture_child_tasks=spread)
-        if spread:
+            placement_group_capture_child_tasks=multi_gpu)
+        if multi_gpu:
             # The actor holds nothing itself; vLLM's Ray executor puts its TP/PP workers on the group's bundles.
             opts.update(num_cpus=0, num_gpus=0)
             if cfg.engine == "vllm":
@@ -198,7 +198,7 @@ class RayReplicaPool:
         seed = derive_seed(self.run_seed, "replica", slot.index)
         opts["name"] = f"{self.name}-r{slot.index}-{slot.restarts}"
         slot.actor = ray.remote(_Replica).options(**opts).remote(
-            cfg.model_dump_json(), self.model_path, seed, slot.index, engine_kwargs, spread)
+            cfg.model_dump_json(), self.model_path, seed, slot.index, engine_kwargs, multi_gpu)
         slot.ready_ref = slot.actor.ready.remote()
         slot.since, slot.chunks, slot.alone = time.monotonic(), {}, False
 
