@@ -62,6 +62,19 @@ def _check_stop_after(step: str | None, cfg) -> None:
             raise ConfigError(f"--stop-after {e}") from None
 
 
+def _check_cluster(cfg, students: bool = True, backend: str | None = None) -> list[str]:
+    """Join the configured Ray cluster and check the run fits its free resources (CapacityError if not),
+    before any model loads or run directory exists. A local cluster (no ray.address) starts with the run
+    and is checked then."""
+    if not cfg.ray.address:
+        return ["not checked yet (no ray.address: the local cluster is checked when the run starts it)"]
+    from s3ray.capacity import check_capacity
+    from s3ray.runtime import init_ray
+
+    init_ray(cfg.ray.address)  # the run joins the same cluster later (init_ray is idempotent)
+    return check_capacity(cfg, students=students, backend=backend).lines
+
+
 def _cmd_run(args) -> int:
     from s3ray.config import load_config
     from s3ray.pipeline.rundir import check_can_open
@@ -73,6 +86,7 @@ def _cmd_run(args) -> int:
     resume = args.resume or (args.resume_if_exists and (out / "manifest.json").is_file())
     check_can_open(out, resume)
     _setup_logging(None, args.verbose)
+    _check_cluster(cfg)
     inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
     _setup_logging(out / "run.log", args.verbose)  # the run dir is created only once its inputs are sound
     rep = run_s3(cfg, resume=resume, inputs=inputs, stop_after=args.stop_after)
@@ -92,6 +106,7 @@ def _cmd_generate(args) -> int:
     overrides = args.overrides + ([f"synthesis.corpus_rows={args.rows}"] if args.rows else [])
     cfg = load_config(args.config, overrides)
     _setup_logging(None, args.verbose)
+    _check_cluster(cfg, students=False, backend=args.backend)
     inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
     card = generate_corpus(cfg, inputs, resume=args.resume, backend=args.backend)
     out = Path(cfg.run.output_dir) / "corpus"
@@ -127,8 +142,10 @@ def _cmd_validate(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _setup_logging(None, args.verbose)
+    capacity = _check_cluster(cfg)
     inp = prepare_inputs(cfg, resolve_models=not args.skip_models)
     print(f"config ok: task {inp.task.type}, labels {inp.task.labels}")
+    print("capacity: " + "; ".join(capacity))
     print(f"validation rows: {len(inp.validation)}, test rows: {len(inp.test) if inp.test else 0}")
     if not args.skip_models:
         print(f"teacher: {inp.teacher_path}\nstudent: {inp.student_path}")

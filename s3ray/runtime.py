@@ -29,6 +29,18 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
+def node_resources() -> list:
+    """Every live node's total and free resources (`capacity.Node`), the free ones per node from Ray's
+    state API (the public `ray.available_resources()` only sums them over the cluster). Ray must be
+    initialised."""
+    from ray._private.state import available_resources_per_node  # a DeveloperAPI, kept to this one place
+
+    from s3ray.capacity import Node
+
+    free = available_resources_per_node()
+    return [Node(n["NodeID"], dict(n["Resources"]), dict(free.get(n["NodeID"], {}))) for n in alive_nodes()]
+
+
 def one_node() -> bool:
     """Whether the Ray cluster is this one machine. Ray must be initialised."""
     return len(alive_nodes()) == 1

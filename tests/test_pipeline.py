@@ -6,6 +6,7 @@ duplicated, and the run completes with a full report.
 """
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from s3ray.pipeline.rundir import RunDirError
 from s3ray.pipeline.s3 import prepare_inputs, run_s3
 
 
-def _cfg(tmp_path, teacher_dir, student_dir, **synthesis):
+def _cfg(tmp_path, teacher_dir, student_dir, release="auto", **synthesis):
     return config_from_dict({
         "run": {"name": "tiny", "output_dir": str(tmp_path / "run"), "seed": 3},
         "task": {"type": "classification", "labels": ["negative", "positive"], "description": "movie review"},
@@ -26,7 +27,7 @@ def _cfg(tmp_path, teacher_dir, student_dir, **synthesis):
                  "validation_size": 40, "test_size": 40},
         "teacher": {"model": str(teacher_dir), "engine": "vllm",
                     "vllm": {"kv_cache_space_gb": 1, "max_model_len": 512},
-                    "sampling": {"max_tokens": 24}},
+                    "sampling": {"max_tokens": 24}, "release": release},
         "synthesis": {"num_rationales": 3, "rationales_per_example": 1, "seed_examples": 16, "rounds": 1,
                       "min_chars": 4, **synthesis},
         "student": {"model": str(student_dir), "epochs": 2, "batch_size": 8, "max_length": 32},
@@ -35,12 +36,16 @@ def _cfg(tmp_path, teacher_dir, student_dir, **synthesis):
 
 
 @pytest.mark.slow
-def test_full_round_pause_crash_resume(tmp_path, ray_local, tiny_teacher_dir, tiny_student_dir):
-    cfg = _cfg(tmp_path, tiny_teacher_dir, tiny_student_dir)
+def test_full_round_pause_crash_resume(tmp_path, ray_local, tiny_teacher_dir, tiny_student_dir, caplog):
+    # teacher.release=always: the replicas go while the student trains and mining runs (as on a GPU cluster
+    # where both would not fit), and come back for the next synthesis step.
+    cfg = _cfg(tmp_path, tiny_teacher_dir, tiny_student_dir, release="always")
     inputs = prepare_inputs(cfg)
     run_dir = tmp_path / "run"
 
-    run_s3(cfg, inputs=inputs, stop_after="round1/synthesis")
+    with caplog.at_level(logging.INFO, logger="s3ray.teacher"):
+        run_s3(cfg, inputs=inputs, stop_after="round1/synthesis")
+    assert len([r for r in caplog.records if "replica(s) ready" in r.getMessage()]) == 2  # started, released, back
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert list(manifest["steps"]) == ["rationales", "round0/synthesis", "round0/train", "round0/mine",
                                        "round1/synthesis"]

@@ -45,3 +45,21 @@ def test_the_submitted_runtime_env_wins_over_the_drivers_copied_variables(monkey
     assert ours["env_vars"]["HF_HUB_OFFLINE"] == "1"  # the caller's dict is not changed
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert without_job_conflicts(ours, submitted_runtime_env()) == ours
+
+
+def test_node_resources_report_what_is_free_on_each_node(ray_local):
+    import time
+
+    from s3ray.runtime import node_resources
+
+    (idle,) = node_resources()
+    assert idle.total["CPU"] == 4 and idle.free["CPU"] <= 4
+    group = ray_local.util.placement_group([{"CPU": 1}])
+    ray_local.get(group.ready())
+    try:
+        deadline = time.monotonic() + 10  # free resources reach the GCS a moment after they are taken
+        while node_resources()[0].free["CPU"] != idle.free["CPU"] - 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert node_resources()[0].free["CPU"] == idle.free["CPU"] - 1
+    finally:
+        ray_local.util.remove_placement_group(group)

@@ -9,7 +9,6 @@ from fixtures_student import save_student_checkpoint
 from s3ray.config import StudentConfig
 from s3ray.student import META_FILE, StudentPredictor, read_meta, train_student
 from s3ray.student.features import qa_train_features
-from s3ray.student.train import worker_cpus
 from s3ray.tasks.classification import ClassificationTask
 from s3ray.tasks.qa import ExtractiveQATask, exact_match, token_f1
 
@@ -142,21 +141,3 @@ def test_qa_question_longer_than_max_length_still_predicts(tiny_student_dir, adq
     row = dict(adqa_rows[0], question=" ".join([adqa_rows[0]["question"]] * 12))
     out = StudentPredictor(ckpt)(_columns([row]))
     assert out["prediction"][0].strip() and out["prediction"][0] in row["context"]
-
-
-@pytest.mark.parametrize(
-    ("nodes", "workers", "free", "setting", "cores", "expected"),
-    [
-        ([96, 96], 1, 192, None, None, 96),  # one worker on a two-node cluster fits on one node, not 192
-        ([96, 96], 4, 192, None, None, 48),  # two workers per node
-        ([96, 8], 2, 104, None, None, 8),  # spread over both nodes: sized for the smaller one
-        ([96, 8], 1, 104, None, None, 96),  # one worker goes to the big node
-        ([96, 96], 2, 20, None, None, 10),  # a teacher holds most CPUs: the free ones are shared
-        ([4], 1, 4, None, 2, 2),  # one node advertising more CPUs than its cores
-        ([4], 2, 4, None, 2, 1),
-        ([4], 2, 0, None, 2, 1),  # nothing free yet: one CPU each, Ray Train waits
-        ([96, 96], 1, 192, 12, None, 12),  # student.cpus_per_worker wins
-    ],
-)
-def test_worker_cpus_from_node_sizes(nodes, workers, free, setting, cores, expected):
-    assert worker_cpus(nodes, workers, free, setting, cores) == expected

@@ -45,6 +45,11 @@ class RayConfig(_Strict):
         description="Ray cluster to join ('auto', 'ray://host:10001'). None starts a local cluster.",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster (None: all).")
+    check_capacity: bool = Field(
+        True, description="At start, check that the teacher replicas, student workers and mining fit the "
+        "cluster's free resources (per node), and fail naming the numbers if not. Turn off on an autoscaling "
+        "cluster, whose nodes join only once work waits for them.",
+    )
 
 
 TaskType = Literal["classification", "pair", "extractive_qa"]
@@ -195,6 +200,11 @@ class TeacherConfig(_Strict):
     start_timeout_s: float = Field(900.0, gt=0, description="Deadline for a replica to be placed and load its engine.")
     request_timeout_s: float = Field(1800.0, gt=0, description="Deadline for one chunk of requests on a replica; "
                                      "past it the replica is restarted.")
+    release: Literal["auto", "always", "never"] = Field(
+        "auto", description="Free the replicas (and their GPUs) while students train and mining runs; they come "
+        "back at the next uncached request. auto: only when those would not fit beside them (checked at "
+        "start); always; never: the start check then needs room for both at once.",
+    )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Settings of the vllm engine.")
     transformers: TransformersConfig = Field(
         default_factory=TransformersConfig, description="Settings of the transformers engine."

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import pyarrow as pa
 
+from s3ray.capacity import CapacityPlan, check_capacity
 from s3ray.config import ConfigError, S3Config, StudentConfig
 from s3ray.data.load import DataError, card_labels, load_rows, split_holdout
 from s3ray.mining import mine_errors, read_errors
@@ -143,8 +144,10 @@ def check_failed_calls(stats: SynthesisStats, limit: float, desc: str) -> None:
 class S3Steps:
     """The loop's steps as plain methods over one run's context; `run_s3` orders and records them."""
 
-    def __init__(self, cfg: S3Config, inputs: RunInputs, run: RunDir, teacher):
+    def __init__(self, cfg: S3Config, inputs: RunInputs, run: RunDir, teacher,
+                 capacity: CapacityPlan | None = None):
         self.cfg, self.inputs, self.run, self.teacher = cfg, inputs, run, teacher
+        self.capacity = capacity or CapacityPlan()  # whether students and mining need the teacher released
         self.task, self.syn, self.seed = inputs.task, cfg.synthesis, cfg.run.seed
         # Real data as Parquet: Ray Data streams validation inference from it.
         self.val_path = run.write_parquet_once("data/validation.parquet", partial(_real_table, inputs.validation))
@@ -205,6 +208,8 @@ class S3Steps:
     # Step 3 (and every baseline student)
     def train(self, rows: list[dict], val_rows: list[dict], name: str) -> StudentResult:
         cfg = self.cfg.student.model_copy(update={"epochs": student_epochs(self.cfg.student, len(rows))})
+        if self.capacity.release_for_training:  # its GPUs go to the students; the cache answers it back later
+            self.teacher.release()
         res = train_student(rows, val_rows, self.task, cfg, self.inputs.student_path,
                             self.run.path / "students" / name, seed=self.seed, desc=f"student {name}")
         test = None
@@ -216,6 +221,8 @@ class S3Steps:
 
     # Step 4
     def mine_errors(self, student: StudentResult, round_: int) -> MiningResult:
+        if self.capacity.release_for_mining:
+            self.teacher.release()
         res = mine_errors(str(self.run.abs(student.checkpoint)), self.val_path, self.task, self.cfg.student,
                           self.cfg.mining, self.run.path / "mining" / f"round{round_}")
         return MiningResult(errors_path=self.run.rel(res.errors_path), n_rows=res.n_rows, n_errors=res.n_errors,
@@ -291,11 +298,12 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
     run = RunDir(cfg.run.output_dir, cfg.model_dump(mode="json"), resume)
     set_cache_dirs(run.path / "cache")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    capacity = check_capacity(cfg)  # before any generation (`s3ray run` checks a remote cluster earlier)
     # The backend starts at the first request the generation cache can't answer.
     teacher = make_teacher(cfg.teacher, inputs.teacher_path, run_seed=cfg.run.seed,
                            cache_path=run.path / "teacher_cache.sqlite", model_name=cfg.teacher.model)
     try:
-        _run_steps(S3Steps(cfg, inputs, run, teacher), StepRecorder(run, stop_after))
+        _run_steps(S3Steps(cfg, inputs, run, teacher, capacity), StepRecorder(run, stop_after))
     except StopRun as stop:
         log.info("stopped after %s as asked; continue with --resume", stop)
     finally:

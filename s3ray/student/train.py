@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -27,8 +26,9 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from s3ray import storage
+from s3ray.capacity import describe_nodes, place, shape, worker_cpus, worker_unit
 from s3ray.config import StudentConfig
-from s3ray.runtime import alive_nodes, init_ray, local_cores
+from s3ray.runtime import init_ray, local_cores, node_resources
 from s3ray.student.embedding_head import fit_embedding_head
 from s3ray.student.predict import StudentPredictor
 from s3ray.student.worker import train_loop
@@ -64,40 +64,18 @@ class EvalResult:
 # ---------------------------------------------------------------------------------------- CPU sizing
 
 
-def worker_cpus(
-    node_cpus: list[float], num_workers: int, free_cpus: float, setting: int | None = None,
-    cores: int | None = None,
-) -> int:
-    """CPUs (= torch threads) for each training worker, sized from the nodes it can run on.
-
-    `setting` (student.cpus_per_worker) wins. Otherwise a worker gets its share of one node: the largest
-    node for a single worker, else the smallest node split among the workers it must host when they are
-    spread over every node; never more than the cluster's free CPUs per worker (teacher replicas may hold
-    some), nor more than `cores` (a one-node cluster's real cores), and at least 1."""
-    if setting:
-        return int(setting)
-    cpus = [c for c in node_cpus if c > 0] or [1.0]
-    if num_workers == 1:
-        share = max(cpus)
-    else:
-        share = min(cpus) // math.ceil(num_workers / len(cpus))
-    share = min(share, free_cpus // num_workers)
-    if cores is not None:
-        share = min(share, cores // num_workers)
-    return max(1, int(share))
-
-
 def _cluster_worker_cpus(cfg: StudentConfig, num_workers: int) -> int:
-    import ray  # lazily, see the module docstring
-
-    nodes = alive_nodes()
-    free = ray.available_resources().get("CPU", 0.0)
-    if free < num_workers and not cfg.cpus_per_worker:
-        log.warning("student: %d worker(s) need CPUs but Ray has %.1f free (teacher replicas still up?); "
-                    "Ray Train waits for them", num_workers, free)
-    node_cpus = [float(n["Resources"].get("CPU", 0)) for n in nodes]
+    """CPUs per worker from the free resources of the nodes the workers can run on (capacity.worker_cpus),
+    never the cluster's CPU count divided among the workers."""
+    nodes = node_resources()
+    frees = [n.free for n in nodes]
     cores = local_cores() if len(nodes) == 1 else None  # one node: more threads than cores run slower
-    return worker_cpus(node_cpus, num_workers, free, cfg.cpus_per_worker, cores)
+    cpus = worker_cpus(frees, num_workers, cfg.use_gpu, cfg.cpus_per_worker, cores)
+    unit = worker_unit(cpus, cfg.use_gpu)
+    if place([unit] * num_workers, frees) < num_workers:
+        log.warning("student: %d worker(s) of %s do not fit in the free resources now (free per node: %s); "
+                    "Ray Train waits for them", num_workers, shape(unit), describe_nodes(nodes))
+    return cpus
 
 
 # ---------------------------------------------------------------------------------------- driver side
@@ -119,13 +97,15 @@ def _start_ray(cfg: StudentConfig) -> None:
 
     if not ray.is_initialized():
         init_ray()
-    if cfg.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < cfg.num_workers:
-            raise ValueError(
-                f"student.use_gpu=true with student.num_workers={cfg.num_workers}, but the Ray "
-                f"cluster has {gpus:g} GPUs; lower num_workers or set use_gpu=false"
-            )
+    workers = 1 if cfg.kind == "embedding_head" else cfg.num_workers
+    nodes = node_resources()
+    unit = worker_unit(cfg.cpus_per_worker or 1, cfg.use_gpu)
+    if place([unit] * workers, [dict(n.total) for n in nodes]) < workers:  # no waiting makes them fit
+        raise ValueError(
+            f"student: {workers} worker(s) of {shape(unit)} (student.num_workers, student.cpus_per_worker, "
+            f"student.use_gpu) do not fit this cluster's nodes even when idle ({describe_nodes(nodes, free=False)}); "
+            "lower num_workers or cpus_per_worker, or set use_gpu=false"
+        )
 
 
 def _run_name(desc: str) -> str:

@@ -2,11 +2,12 @@
 isolation. The only module of s3ray.teacher that imports Ray.
 
 - `cfg.replicas` actors (`_Replica`), each holding one engine with its own engine seed
-  `derive_seed(run_seed, "replica", i)`. On GPUs a replica reserves tensor_parallel_size x
-  pipeline_parallel_size GPUs; with more than one, they are reserved together in a STRICT_PACK placement group,
-  the actor runs inside it (capturing child tasks) and vLLM's Ray executor places its workers on the group's
-  bundles. On CPUs a replica reserves `cpus_per_replica` CPUs and runs that many OpenMP threads, its vLLM
-  engine in-process (cpu.engine_env).
+  `derive_seed(run_seed, "replica", i)`, each in its own placement group (`capacity.replica_bundles`), so
+  placement and engine start have separate deadlines and messages, and a replaced replica's reservation goes
+  with it. On GPUs a replica reserves tensor_parallel_size x pipeline_parallel_size GPUs; with more than one,
+  one bundle per GPU, STRICT_PACKed on one node: the actor runs in bundle 0 (capturing child tasks) and vLLM's
+  Ray executor places its workers on the group's bundles. On CPUs a replica reserves `cpus_per_replica` CPUs
+  and runs that many OpenMP threads, its vLLM engine in-process (cpu.engine_env).
 - The driver streams small chunks, at most `max_in_flight` requests per replica, each to the least-loaded ready
   replica; a replica runs its chunks concurrently (a threaded actor) and vLLM merges them into one batch.
 - Faults: a replica that dies, raises, or holds a chunk past `teacher.request_timeout_s` is killed (its
@@ -30,11 +31,12 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from s3ray.capacity import describe_nodes, merged, replica_bundles, replica_too_big, shape, teacher_uses_gpu
 from s3ray.config import TeacherConfig
-from s3ray.runtime import alive_nodes, init_ray, set_cache_dirs
+from s3ray.runtime import init_ray, node_resources, set_cache_dirs
 from s3ray.teacher.backends import Faults, OnChunk, chunk_size_of
 from s3ray.teacher.cpu import engine_env
 from s3ray.teacher.engines import make_engine
@@ -48,8 +50,8 @@ class _Replica:
     """Ray actor body: one engine."""
 
     def __init__(self, cfg_json: str, model_path: str, engine_seed: int, index: int, engine_kwargs: dict,
-                 in_placement_group: bool) -> None:
-        if in_placement_group:
+                 workers_in_bundles: bool) -> None:
+        if workers_in_bundles:
             # This actor holds no GPU itself (num_gpus=0), so Ray hid every GPU from it; vLLM's Ray workers get
             # theirs from the placement group bundles and must not inherit the empty mask.
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
@@ -117,30 +119,17 @@ class RayReplicaPool:
         self.name = f"s3ray-teacher-{uuid.uuid4().hex[:8]}"
         if not ray.is_initialized():
             init_ray()
-        gpus = ray.cluster_resources().get("GPU", 0)
-        self.use_gpu = bool(gpus > 0) if cfg.use_gpu is None else cfg.use_gpu
+        nodes = node_resources()
+        self.use_gpu = teacher_uses_gpu(cfg, nodes)
         self.world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
-        self._check_fits()
+        self.bundles = replica_bundles(cfg, self.use_gpu)
+        too_big = replica_too_big(cfg, self.use_gpu, nodes)  # it would wait forever
+        if too_big:
+            raise TeacherError(f"{too_big} (nodes: {describe_nodes(nodes, free=False)})")
         self._slots = [_Slot(i) for i in range(cfg.replicas)]
         self._start_all()
 
     # ------------------------------------------------------------------------------------ replicas
-
-    def _check_fits(self) -> None:
-        """A replica lives on one node: one bigger than every node would wait forever."""
-        cfg, nodes = self.cfg, alive_nodes()
-        if self.use_gpu:
-            largest = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
-            if self.world > largest:
-                raise TeacherError(
-                    f"a teacher replica needs teacher.tensor_parallel_size x teacher.pipeline_parallel_size = "
-                    f"{cfg.tensor_parallel_size} x {cfg.pipeline_parallel_size} = {self.world} GPUs on one node; "
-                    f"the largest node has {largest:g}")
-        else:
-            largest = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
-            if cfg.cpus_per_replica > largest:
-                raise TeacherError(f"teacher.cpus_per_replica={cfg.cpus_per_replica:g}; the largest node has "
-                                   f"{largest:g} CPUs")
 
     def _start_all(self) -> None:
         for slot in self._slots:
@@ -149,11 +138,15 @@ class RayReplicaPool:
         deadline = time.monotonic() + self.cfg.start_timeout_s
         for slot in self._slots:
             try:
+                placed, _ = ray.wait([slot.placement_group.ready()], timeout=max(0.0, deadline - time.monotonic()))
+                if not placed:
+                    raise GetTimeoutError
                 ray.get(slot.ready_ref, timeout=max(0.0, deadline - time.monotonic()))
                 slot.ready_ref = None
             except GetTimeoutError:
+                why = self._start_timeout_text(slot)  # before close() removes the placement group
                 self.close()
-                raise TeacherError(self._start_timeout_text(slot)) from None
+                raise TeacherError(why) from None
             except RayError as e:
                 self.close()
                 raise TeacherError(f"teacher replica {slot.index} failed to start ({self.cfg.engine} on "
@@ -162,10 +155,19 @@ class RayReplicaPool:
                  "GPU" if self.use_gpu else "CPU")
 
     def _start_timeout_text(self, slot: _Slot) -> str:
-        need = f"{self.world} GPU(s)" if self.use_gpu else f"{self.cfg.cpus_per_replica:g} CPU(s)"
-        return (f"teacher replica {slot.index} was not placed and loaded within teacher.start_timeout_s="
-                f"{self.cfg.start_timeout_s:g} s (it needs {need}; the cluster has "
-                f"{ray.available_resources()} free): free resources or raise teacher.start_timeout_s")
+        """Why replica `slot` is not up by its deadline: not placed (the shapes, and what is free per node),
+        or placed but its engine did not load."""
+        limit = f"teacher.start_timeout_s={self.cfg.start_timeout_s:g} s"
+        group = slot.placement_group
+        if group is not None and placement_group_table(group).get("state") != "CREATED":
+            n = len(self.bundles)
+            how = f"{n} bundles of {shape(self.bundles[0])} on one node (STRICT_PACK)" if n > 1 else \
+                shape(self.bundles[0])
+            return (f"teacher replica {slot.index} could not be placed within {limit}: it needs {how}, "
+                    f"{shape(merged(self.bundles))} in all; free per node: {describe_nodes(node_resources())}. "
+                    "Free those resources, lower teacher.replicas, or raise teacher.start_timeout_s")
+        return (f"teacher replica {slot.index} was placed but its {self.cfg.engine} engine did not load "
+                f"{self.model_path} within {limit}: raise it for a large model, or read the replica's log")
 
     def _launch(self, slot: _Slot) -> None:
         cfg, world = self.cfg, self.world
@@ -177,26 +179,24 @@ class RayReplicaPool:
         # Enough actor threads for every chunk in flight: the engine batches them together.
         opts: dict = {"max_concurrency": math.ceil(cfg.max_in_flight / self.chunk_size) + 2, "max_restarts": 0,
                       "runtime_env": {"env_vars": env}}
-        if self.use_gpu and world > 1:
-            # One bundle per GPU, packed on one node; the actor sits in bundle 0 and vLLM's Ray executor puts
-            # its TP/PP workers on the group's bundles.
-            slot.placement_group = placement_group([{"GPU": 1, "CPU": 1}] * world, strategy="STRICT_PACK")
-            opts.update(num_cpus=0, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=slot.placement_group, placement_group_bundle_index=0,
-                placement_group_capture_child_tasks=True))
+        slot.placement_group = placement_group(self.bundles, strategy="STRICT_PACK")
+        multi_gpu = self.use_gpu and world > 1
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=slot.placement_group, placement_group_bundle_index=0,
+            placement_group_capture_child_tasks=multi_gpu)
+        if multi_gpu:
+            # The actor holds nothing itself; vLLM's Ray executor puts its TP/PP workers on the group's bundles.
+            opts.update(num_cpus=0, num_gpus=0)
             if cfg.engine == "vllm":
                 engine_kwargs["distributed_executor_backend"] = "ray"
-        elif self.use_gpu:
-            opts.update(num_cpus=cfg.cpus_per_replica, num_gpus=1)
-        else:
-            opts.update(num_cpus=cfg.cpus_per_replica)
-            if cfg.engine == "vllm" and world == 1:
+        else:  # the actor takes its one bundle whole
+            opts.update(num_cpus=self.bundles[0]["CPU"], num_gpus=self.bundles[0].get("GPU", 0))
+            if not self.use_gpu and cfg.engine == "vllm" and world == 1:
                 engine_kwargs["distributed_executor_backend"] = "uni"  # in-process, see cpu.engine_env
         seed = derive_seed(self.run_seed, "replica", slot.index)
         opts["name"] = f"{self.name}-r{slot.index}-{slot.restarts}"
         slot.actor = ray.remote(_Replica).options(**opts).remote(
-            cfg.model_dump_json(), self.model_path, seed, slot.index, engine_kwargs,
-            slot.placement_group is not None)
+            cfg.model_dump_json(), self.model_path, seed, slot.index, engine_kwargs, multi_gpu)
         slot.ready_ref = slot.actor.ready.remote()
         slot.since, slot.chunks, slot.alone = time.monotonic(), {}, False
 
@@ -205,7 +205,7 @@ class RayReplicaPool:
             ray.kill(slot.actor, no_restart=True)
         except RayError as e:  # already gone
             log.debug("ray.kill: %s", e)
-        if slot.placement_group is not None:  # a restart makes a new group; the old one must not leak GPUs
+        if slot.placement_group is not None:  # a restart makes a new group; the old one must not hold GPUs
             remove_placement_group(slot.placement_group)
             slot.placement_group = None
         slot.actor, slot.ready_ref = None, None
