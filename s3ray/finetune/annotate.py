@@ -24,7 +24,7 @@ class Annotation:
     logprobs: dict  # label -> summed log-probability of its completion
 
 
-def _left_padded(prompts: list[list[int]], pad_id: int):
+def left_padded(prompts: list[list[int]], pad_id: int):
     import torch
 
     width = max(len(p) for p in prompts)
@@ -46,7 +46,7 @@ def score_batch(model, prompts: list[list[int]], completions: list[list[list[int
 
     import torch
 
-    ids, mask = _left_padded(prompts, pad_id)
+    ids, mask = left_padded(prompts, pad_id)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     dev = model.device
     out = [[0.0] * len(c) for c in completions]
