@@ -27,6 +27,9 @@ sys.path.insert(0, str(REPO))
 CONFIGS = {"sst2": "configs/finetune/sst2-smollm2-experiment.yaml",
            "rte": "configs/finetune/rte-smollm2-experiment.yaml"}
 ARMS = ["ft-annotate", "ft-generate", "prompted-annotate", "prompted-generate", "gold-125"]
+# The cheap arms first (a problem in the student or report shows before the long fine-tune); ft-generate
+# needs ft-annotate's exported teacher.
+RUN_ORDER = ["gold-125", "prompted-annotate", "prompted-generate", "ft-annotate", "ft-generate"]
 AS_IS = "training.method=none"
 INTRO = """Written by `scripts/finetune_experiment.py` (every number also in `finetune-experiment.json` beside
 this file); the recipe is described in [finetune.md](finetune.md). Per task, the embedded SmolLM2-135M-Instruct
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {t: dict(old.get(t, {})) for t in tasks}
     failed = False
     for task in tasks:
-        for arm in ARMS:
+        for arm in RUN_ORDER:
             if arm not in arms:
                 continue
             try:
