@@ -54,6 +54,12 @@ def arm_overrides(arm: str, task_dir: Path) -> list[str]:
     }[arm]
 
 
+def _shown(text: str) -> str:
+    """Paths in the printed commands relative to the repository, as the configs' data paths are (the runs
+    themselves keep absolute paths: their recorded config must not change between resumes)."""
+    return text.replace(str(REPO) + "/", "")
+
+
 def size_overrides(args) -> list[str]:
     out = []
     if args.pool_size:
@@ -118,7 +124,7 @@ def _pct(x) -> str:
 
 def _secs(arm: dict, step: str) -> str:
     s = arm.get("steps", {}).get(step)
-    return "—" if s is None else f"{s['seconds']:.0f}"
+    return "—" if s is None or "skipped" in s["result"] else f"{s['seconds']:.0f}"
 
 
 def _arm_row(name: str, arm: dict) -> str:
@@ -169,11 +175,11 @@ def write_report(results: dict, meta: dict, md: Path) -> None:
         if "ft-annotate" in arms:
             lines.append(_finetune_line(arms["ft-annotate"]))
         lines += [("| arm | teacher | student rows | test acc % | test macro-F1 % | val acc % | best epoch | "
-                   "fine-tune s | annotate/generate s | student s |"),
+                   "fine-tune s | annotate/generate s | student s (fit + test) |"),
                   "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [_arm_row(name, arms[name]) for name in ARMS if name in arms]
         lines.append("\nCommands (each resumable):\n")
-        lines += [f"- {name}: `{arms[name]['command']}`" for name in ARMS if name in arms and "command" in arms[name]]
+        lines += [f"- {name}: `{_shown(arms[name]['command'])}`" for name in ARMS if name in arms and "command" in arms[name]]
     md.write_text("\n".join(lines) + "\n")
 
 
@@ -185,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool-size", type=int, default=None, help="annotate only this many pool rows")
     ap.add_argument("--per-label", type=int, default=None, help="generate.per_label (rows = 2 x this)")
     ap.add_argument("--doc", default="docs/finetune-experiment.md", help="the Markdown report (JSON beside it)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the Markdown from the JSON; run nothing")
     args = ap.parse_args(argv)
+    doc = REPO / args.doc
+    if args.report_only:
+        saved = json.loads(doc.with_suffix(".json").read_text())
+        write_report(saved["results"], saved["meta"], doc)
+        return 0
     tasks, arms = args.tasks.split(","), args.arms.split(",")
     bad = [t for t in tasks if t not in CONFIGS] + [a for a in arms if a not in ARMS]
     if bad:
@@ -194,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     meta = {"machine": machine(), "command": "python scripts/finetune_experiment.py " + " ".join(argv or sys.argv[1:]),
             "sizes": size_overrides(args)}
-    doc = REPO / args.doc
     old = json.loads(doc.with_suffix(".json").read_text())["results"] if doc.with_suffix(".json").is_file() else {}
     results: dict = {t: dict(old.get(t, {})) for t in tasks}
     failed = False
