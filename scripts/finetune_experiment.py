@@ -69,8 +69,9 @@ def size_overrides(args) -> list[str]:
     return out
 
 
-def run_arm(task: str, arm: str, out: Path, sizes: list[str]) -> dict:
-    """One arm through the recipe (resumed where it stopped); its report, step times and command."""
+def run_arm(task: str, arm: str, out: Path, sizes: list[str], collect_only: bool = False) -> dict:
+    """One arm through the recipe (resumed where it stopped); its report, step times and command.
+    collect_only: only read a finished arm's results (an unfinished one is reported as such)."""
     from s3ray.finetune.config import load_finetune_config
     from s3ray.finetune.recipe import run_recipe
 
@@ -78,16 +79,22 @@ def run_arm(task: str, arm: str, out: Path, sizes: list[str]) -> dict:
     sets = [f"run.output_dir={run_dir}", f"run.name={task}-{arm}", *arm_overrides(arm, out / task), *sizes]
     cmd = "s3ray finetune " + CONFIGS[task] + " --resume " + " ".join(f"--set {s}" for s in sets)
     print(f"\n=== {task} / {arm}\n$ {cmd}", flush=True)
-    manifest = run_dir / "manifest.json"
-    if (run_dir / "report.json").is_file() and manifest.is_file():
-        done = json.loads(manifest.read_text())["steps"]
-        if all(k in done for k in _expected_steps(arm)):
-            print("finished in an earlier run, skipped", flush=True)
-            return _collect(run_dir, cmd)
+    if finished(run_dir, arm):
+        print("finished in an earlier run, skipped", flush=True)
+        return _collect(run_dir, cmd.split(" --set data.pool_size=")[0].split(" --set generate.per_label=")[0])
+    if collect_only:
+        return {"command": cmd, "unfinished": "not run to the end yet: rerun the command (it resumes)"}
     t0 = time.perf_counter()
     run_recipe(load_finetune_config(REPO / CONFIGS[task], sets), resume=True)
     print(f"{task}/{arm}: {time.perf_counter() - t0:.0f} s", flush=True)
     return _collect(run_dir, cmd)
+
+
+def finished(run_dir: Path, arm: str) -> bool:
+    manifest = run_dir / "manifest.json"
+    if not ((run_dir / "report.json").is_file() and manifest.is_file()):
+        return False
+    return all(k in json.loads(manifest.read_text())["steps"] for k in _expected_steps(arm))
 
 
 def _expected_steps(arm: str) -> list[str]:
@@ -96,7 +103,13 @@ def _expected_steps(arm: str) -> list[str]:
 
 
 def _collect(run_dir: Path, cmd: str) -> dict:
-    steps = json.loads((run_dir / "manifest.json").read_text())["steps"]
+    """The arm's results from its manifest; the command gets the sizes the arm really ran with."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    steps, cfg = manifest["steps"], manifest["config"]
+    if "data.pool_size=" not in cmd and cfg["data"].get("pool_size"):
+        cmd += f" --set data.pool_size={cfg['data']['pool_size']}"
+    if "generate.per_label=" not in cmd and cfg["generate"]["per_label"] != 500:
+        cmd += f" --set generate.per_label={cfg['generate']['per_label']}"
     return {"command": cmd, "run_dir": str(run_dir),
             "steps": {k: {"result": v["result"], "seconds": v["seconds"]} for k, v in steps.items()}}
 
@@ -128,8 +141,9 @@ def _secs(arm: dict, step: str) -> str:
 
 
 def _arm_row(name: str, arm: dict) -> str:
-    if "error" in arm:
-        return f"| {name} | failed: {arm['error'].splitlines()[-1][:80]} |" + " |" * 9
+    if "error" in arm or "unfinished" in arm:
+        why = f"failed: {arm['error'].splitlines()[-1][:80]}" if "error" in arm else "**unfinished** (see below)"
+        return f"| {name} | {why} |" + " |" * 8
     st = arm["steps"]
     stu = st.get("student", {}).get("result", {})
     test = stu.get("test_metrics", {})
@@ -179,6 +193,9 @@ def write_report(results: dict, meta: dict, md: Path) -> None:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [_arm_row(name, arms[name]) for name in ARMS if name in arms]
         lines.append("\nCommands (each resumable):\n")
+        if any("data.pool_size=" in a.get("command", "") for a in arms.values()):
+            lines.append("**Reduced sizes** (`data.pool_size` / `generate.per_label` in the commands): the full "
+                         "experiment (the whole pool, 1,000 generated rows) is the same commands without them.\n")
         lines += [f"- {name}: `{_shown(arms[name]['command'])}`" for name in ARMS if name in arms and "command" in arms[name]]
     md.write_text("\n".join(lines) + "\n")
 
@@ -192,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-label", type=int, default=None, help="generate.per_label (rows = 2 x this)")
     ap.add_argument("--doc", default="docs/finetune-experiment.md", help="the Markdown report (JSON beside it)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the Markdown from the JSON; run nothing")
+    ap.add_argument("--collect", action="store_true", help="report the finished arms found under --out; run "
+                    "nothing (arms run by separate invocations, sizes taken from --pool-size/--per-label)")
     args = ap.parse_args(argv)
     doc = REPO / args.doc
     if args.report_only:
@@ -214,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             if arm not in arms:
                 continue
             try:
-                results[task][arm] = run_arm(task, arm, out, size_overrides(args))
+                results[task][arm] = run_arm(task, arm, out, size_overrides(args), args.collect)
             except Exception as e:  # noqa: BLE001 - recorded in the report and the exit code, never dropped
                 traceback.print_exc()
                 results[task][arm] = {"error": f"{type(e).__name__}: {e}"}
