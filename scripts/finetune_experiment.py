@@ -66,6 +66,8 @@ def size_overrides(args) -> list[str]:
         out.append(f"data.pool_size={args.pool_size}")
     if args.per_label:
         out.append(f"generate.per_label={args.per_label}")
+    if args.max_steps:
+        out.append(f"training.max_steps={args.max_steps}")
     return out
 
 
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/finetune-experiment", help="run directories go here")
     ap.add_argument("--pool-size", type=int, default=None, help="annotate only this many pool rows")
     ap.add_argument("--per-label", type=int, default=None, help="generate.per_label (rows = 2 x this)")
+    ap.add_argument("--max-steps", type=int, default=None, help="cap the fine-tune's optimizer steps")
     ap.add_argument("--doc", default="docs/finetune-experiment.md", help="the Markdown report (JSON beside it)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the Markdown from the JSON; run nothing")
     ap.add_argument("--collect", action="store_true", help="report the finished arms found under --out; run "
