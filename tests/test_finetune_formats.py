@@ -116,3 +116,30 @@ def test_generation_jobs_keep_real_contexts_and_every_reply_is_kept_or_counted(k
     tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
     rows, dropped = generate_rows(model, tok, task, jobs, temperature=1.0, top_p=1.0, max_tokens=12, seed=0)
     assert len(rows) + sum(dropped.values()) == len(jobs)  # the random teacher's gibberish is counted, not lost
+
+
+@pytest.mark.parametrize("kind", ["classification", "pair"])
+def test_cached_label_scoring_equals_scoring_each_whole_sequence(kind, tiny_teacher_dir):
+    """The annotator runs each prompt once and reuses its cache per label; the scores must be exactly what
+    a plain forward pass over prompt + completion gives, with prompts of different lengths in one batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from s3ray.finetune.annotate import annotate_rows
+    from s3ray.finetune.formats import annotation_messages, completion_ids, prompt_ids
+
+    task, row = _task(kind)
+    key = "text" if kind == "classification" else "text_b"
+    rows = [row, {**row, key: row[key] + " and a much longer tail of words here"}, {**row, key: "short"}]
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    anns = annotate_rows(model, tok, task, rows, batch_size=2)  # a full batch and a ragged last one
+    for r, a in zip(rows, anns):
+        msgs = annotation_messages(task, r)
+        for lab in task.labels:
+            p, c = prompt_ids(tok, msgs), completion_ids(tok, msgs, lab)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
+            whole = float(sum(logp[len(p) - 1 + k, t] for k, t in enumerate(c)))
+            assert a.logprobs[lab] == pytest.approx(whole, abs=1e-3)
+        assert a.label == max(a.logprobs, key=a.logprobs.get) and 0.5 <= a.confidence <= 1

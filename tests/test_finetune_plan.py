@@ -166,3 +166,32 @@ def test_recipe_preflight_names_data_problems_before_training(tmp_path, tiny_tea
     with pytest.raises(ConfigError, match="model.path"):
         preflight(finetune_config_from_dict({**base, "model": {"preset": "gpt-neox-20b"}}))
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_method_none_uses_the_model_as_is_for_annotate_and_generate(tmp_path, tiny_teacher_dir):
+    """training.method=none: no fine-tune (no plan, no Ray), model.path is the teacher; the prompted
+    baseline runs the same annotate / generate steps and is refused clearly when it would do nothing."""
+    import json
+
+    from s3ray.finetune.recipe import preflight, run_recipe
+
+    rows = [{"text": f"a {w} film about {n}", "label": lab} for w, lab in (("fine", "positive"), ("dull", "negative"))
+            for n in ("cats", "ships", "rain")]
+    train, pool = tmp_path / "train.jsonl", tmp_path / "pool.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {"task": {"labels": ["negative", "positive"]}, "model": {"path": str(tiny_teacher_dir)},
+            "training": {"method": "none"}, "data": {"train": str(train), "pool": str(pool)},
+            "annotate": {"threshold": 0.0}, "generate": {"per_label": 3, "max_tokens": 8, "batch_size": 4}}
+    with pytest.raises(ConfigError, match="method=none with mode=none does nothing"):
+        finetune_config_from_dict({**base, "mode": "none"})
+    with pytest.raises(ConfigError, match="model.path .*no config.json"):
+        preflight(finetune_config_from_dict({**base, "model": {"path": str(tmp_path / "export")}}))
+    ann = run_recipe(finetune_config_from_dict({**base, "run": {"output_dir": str(tmp_path / "a")}}))
+    assert ann["steps"]["finetune"]["export_dir"] == str(Path(tiny_teacher_dir).resolve())
+    assert "skipped" in ann["steps"]["finetune"] and not (tmp_path / "a" / "ray_train").exists()
+    rep = ann["steps"]["annotate"]
+    assert rep["n"] == rep["n_gold"] == rep["kept"] == 6 and 0 <= rep["agreement"] <= 1
+    gen = run_recipe(finetune_config_from_dict({**base, "mode": "generate", "run": {"output_dir": str(tmp_path / "g")}}))
+    g = gen["steps"]["generate"]
+    assert g["requested"] == 6 and g["kept"] + sum(g["dropped"].values()) == 6  # batches of 4 and 2

@@ -49,7 +49,8 @@ def _cfg(tmp: Path, model: Path, student: dict | None = None, **training) -> obj
                      "checkpoint_every": 4, **training},
         "data": {"train": _jsonl(tmp / "train.jsonl", keyword_rows(32)),
                  "pool": _jsonl(tmp / "pool.jsonl", keyword_rows(24, offset=300)),
-                 "validation": _jsonl(tmp / "val.jsonl", keyword_rows(12, offset=900))},
+                 "validation": _jsonl(tmp / "val.jsonl", keyword_rows(12, offset=900)),
+                 "test": _jsonl(tmp / "test.jsonl", keyword_rows(10, offset=1200))},
         "annotate": {"threshold": 0.6},
     })
 
@@ -119,6 +120,17 @@ def test_the_annotated_rows_train_the_student(zero3):
     rep = zero3[2]["steps"]
     assert rep["student"]["n_train"] == rep["annotate"]["kept"]
     assert rep["student"]["val_metrics"]["n"] == 12 and Path(rep["student"]["checkpoint"]).is_dir()
+    assert rep["student"]["test_metrics"]["n"] == 10 and 0 <= rep["student"]["test_metrics"]["macro_f1"] <= 1
+
+
+def test_gold_only_student_uses_the_labelled_rows_and_no_teacher(zero3, tmp_path):
+    """training.method=none + mode=none + student: the gold-only baseline of the experiment (no fine-tune,
+    no annotation; the student trains on data.train and is evaluated on data.test)."""
+    cfg = zero3[0].model_copy(deep=True)
+    cfg.training.method, cfg.mode, cfg.run.output_dir = "none", "none", str(tmp_path / "gold")
+    rep = run_recipe(cfg)["steps"]
+    assert set(rep) == {"finetune", "student"} and "skipped" in rep["finetune"]
+    assert rep["student"]["n_train"] == 32 and rep["student"]["test_metrics"]["n"] == 10
 
 
 def test_generation_writes_parsed_rows_and_counts_the_rest(zero3):

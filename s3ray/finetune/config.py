@@ -43,7 +43,9 @@ class FtModelConfig(_Strict):
 
 
 class FtTrainingConfig(_Strict):
-    method: Literal["full", "lora"] = Field("full", description="full: every weight (ZeRO-3); lora: adapters.")
+    method: Literal["full", "lora", "none"] = Field(
+        "full", description="full: every weight (ZeRO-3); lora: adapters; none: no fine-tune, model.path is the "
+        "teacher as is (the prompted baseline, or an earlier run's export).")
     zero_stage: int = Field(3, ge=0, le=3, description="DeepSpeed ZeRO stage (full: 3; lora: 0 = DDP, or 2).")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states in CPU memory.")
     offload_params: bool = Field(False, description="ZeRO-3: weights in CPU memory too (needs offload_optimizer).")
@@ -92,6 +94,8 @@ class FtDataConfig(_Strict):
     pool_size: int | None = Field(None, ge=1, description="Annotate this many pool rows. None: all.")
     validation: str | None = Field(None, description="Real labelled rows to pick the student's best epoch on "
                                    "(needed with a student section).")
+    test: str | None = Field(None, description="Labelled rows the student is evaluated on once, after its "
+                             "epoch is picked (reported as test_metrics). None: validation metrics only.")
 
 
 class FtAnnotateConfig(_Strict):
@@ -105,6 +109,7 @@ class FtGenerateConfig(_Strict):
     temperature: float = Field(0.9, ge=0, le=2, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus mass.")
     max_tokens: int = Field(64, ge=1, description="New tokens per generated example.")
+    batch_size: int = Field(16, ge=1, description="Prompts sampled together (left-padded).")
 
 
 class FinetuneConfig(_Strict):
@@ -123,7 +128,8 @@ class FinetuneConfig(_Strict):
     annotate: FtAnnotateConfig = Field(default_factory=FtAnnotateConfig)
     generate: FtGenerateConfig = Field(default_factory=FtGenerateConfig)
     student: StudentConfig | None = Field(None, description="Train this student on the annotated/generated "
-                                          "rows (s3ray.student.train_student). None: no student step.")
+                                          "rows (mode=none: on data.train itself, the gold-only baseline; "
+                                          "s3ray.student.train_student). None: no student step.")
 
     @model_validator(mode="after")
     def _cross(self) -> FinetuneConfig:
@@ -136,8 +142,11 @@ class FinetuneConfig(_Strict):
             raise ValueError("training.method=lora: use zero_stage 0 (DDP) or 2; ZeRO-3 is for full fine-tunes")
         if t.dtype == "fp16" and not t.use_gpu:
             raise ValueError("training.dtype=fp16 needs training.use_gpu=true; on CPUs use bf16 or fp32")
-        if self.student is not None and (self.mode == "none" or not self.data.validation):
-            raise ValueError("student: needs mode annotate or generate (its rows) and data.validation")
+        if self.student is not None and not self.data.validation:
+            raise ValueError("student: needs data.validation (real rows to pick its best epoch on)")
+        if self.mode == "none" and self.training.method == "none" and self.student is None:
+            raise ValueError("training.method=none with mode=none does nothing: set mode annotate|generate, or a "
+                             "student section (it then trains on data.train alone)")
         if self.mode == "annotate" and self.task.type == "extractive_qa":
             raise ValueError("mode=annotate labels classification/pair pools; use mode=generate for extractive_qa")
         return self

@@ -14,7 +14,13 @@ import pyarrow as pa
 
 from s3ray.config import ConfigError
 from s3ray.data.load import DataError, card_labels, load_rows, read_table
-from s3ray.finetune.config import FinetuneConfig, deepspeed_config, load_finetune_config, require_fit
+from s3ray.finetune.config import (
+    FinetuneConfig,
+    deepspeed_config,
+    load_finetune_config,
+    model_dir,
+    require_fit,
+)
 from s3ray.pipeline.rundir import RunDir
 from s3ray.tasks import make_task
 
@@ -33,9 +39,13 @@ def print_plan(cfg: FinetuneConfig) -> int:
 
 def run_from_cli(path: str, overrides: list[str], plan_only: bool = False, resume: bool = False) -> int:
     cfg = load_finetune_config(path, overrides)
+    if plan_only and cfg.training.method == "none":
+        print("training.method=none: no fine-tune, model.path is used as is (nothing to plan)")
+        return 0
     if plan_only:
         return print_plan(cfg)
-    require_fit(cfg)
+    if cfg.training.method != "none":
+        require_fit(cfg)
     rep = run_recipe(cfg, resume=resume)
     print(json.dumps(rep, indent=2, default=str))
     return 0
@@ -53,6 +63,8 @@ def _task_and_rows(cfg: FinetuneConfig, split: str, path: str | None, size: int 
 def _finetune_step(cfg: FinetuneConfig, rd: RunDir, resume: bool) -> dict:
     from s3ray.finetune.train import finetune_teacher
 
+    if cfg.training.method == "none":
+        return {"export_dir": model_dir(cfg), "skipped": "training.method=none: model.path is the teacher as is"}
     if not cfg.data.train:
         raise ConfigError("data.train: the labelled rows to fine-tune on are required")
     task, rows = _task_and_rows(cfg, "train", cfg.data.train, cfg.data.train_size)
@@ -99,25 +111,36 @@ def _generate_step(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> dict:
     model, tok = load_teacher(export_dir)
     g = cfg.generate
     jobs = generation_jobs(task, contexts, g.per_label, cfg.run.seed)
-    new, dropped = generate_rows(model, tok, task, jobs, g.temperature, g.top_p, g.max_tokens, cfg.run.seed)
+    new, dropped = generate_rows(model, tok, task, jobs, g.temperature, g.top_p, g.max_tokens, cfg.run.seed,
+                                  g.batch_size)
     path = rd.write_parquet("generated.parquet", pa.Table.from_pylist(new)) if new else None
     return {"requested": len(jobs), "kept": len(new), "dropped": dict(dropped), "rows": path}
 
 
 def _student_step(cfg: FinetuneConfig, rd: RunDir, rows_path: str | None) -> dict:
-    """Hand the teacher's rows to the student (s3ray.student.train_student) and report its validation score."""
+    """Train the student (s3ray.student.train_student) on the teacher's rows, or with mode=none on the gold
+    data.train rows; report its validation score and, with data.test, its test score (the S3 loop's
+    evaluate_student, so the numbers compare with `s3ray run`'s)."""
     from s3ray.models import resolve_student
-    from s3ray.student import train_student
+    from s3ray.student import evaluate_student, train_student
 
-    if rows_path is None:
-        return {"skipped": "the teacher produced no rows"}
     task, val = _task_and_rows(cfg, "validation", cfg.data.validation, None)
     keep = (*task.fields, "label", "answer_start")
-    rows = [{k: r[k] for k in keep if k in r} for r in rd.read_parquet(Path(rows_path).name)]
+    if cfg.mode == "none":
+        rows = _task_and_rows(cfg, "train", cfg.data.train, cfg.data.train_size)[1]
+    elif rows_path is None:
+        return {"skipped": "the teacher produced no rows"}
+    else:
+        rows = rd.read_parquet(Path(rows_path).name)
+    rows = [{k: r[k] for k in keep if k in r} for r in rows]
     res = train_student(rows, val, task, cfg.student, resolve_student(cfg.student.model), rd.path / "student",
                         cfg.run.seed, desc="finetuned-teacher student")
-    return {"checkpoint": res.checkpoint, "n_train": res.n_train, "best_epoch": res.best_epoch,
-            "val_metrics": res.val_metrics}
+    out = {"checkpoint": res.checkpoint, "n_train": res.n_train, "best_epoch": res.best_epoch,
+           "val_metrics": res.val_metrics, "train_seconds": res.train_seconds}
+    if cfg.data.test:
+        test = _task_and_rows(cfg, "test", cfg.data.test, None)[1]
+        out["test_metrics"] = evaluate_student(res.checkpoint, test, task, cfg.student).metrics
+    return out
 
 
 def preflight(cfg: FinetuneConfig) -> None:
@@ -125,9 +148,15 @@ def preflight(cfg: FinetuneConfig) -> None:
     the labelled rows, the pool, and labels for annotation."""
     from s3ray.finetune.train import check_can_train
 
-    check_can_train(cfg)
-    if not cfg.data.train:
-        raise ConfigError("data.train: the labelled rows to fine-tune on are required")
+    if cfg.training.method != "none":
+        check_can_train(cfg)
+    elif cfg.model.path:
+        model_dir(cfg)  # the teacher used as is must be there (an earlier run's export, say)
+    else:
+        raise ConfigError("training.method=none uses model.path as the teacher: set model.path")
+    if not cfg.data.train and (cfg.training.method != "none" or cfg.mode == "none"):
+        raise ConfigError("data.train: the labelled rows to fine-tune on (or, with mode=none, to train the "
+                          "student on) are required")
     task, _ = _task_and_rows(cfg, "train", cfg.data.train, cfg.data.train_size)
     if cfg.mode == "annotate":
         if not cfg.data.pool:
@@ -137,6 +166,8 @@ def preflight(cfg: FinetuneConfig) -> None:
         _pool_rows(cfg, task)
     if cfg.student is not None:
         _task_and_rows(cfg, "validation", cfg.data.validation, None)
+        if cfg.data.test:
+            _task_and_rows(cfg, "test", cfg.data.test, None)
 
 
 def run_recipe(cfg: FinetuneConfig, resume: bool = False) -> dict:
@@ -151,8 +182,8 @@ def run_recipe(cfg: FinetuneConfig, resume: bool = False) -> dict:
     elif cfg.mode == "generate":
         steps.append(("generate", lambda: _generate_step(cfg, rd, rd.result("finetune")["export_dir"])))
     if cfg.student is not None:
-        made = "annotate" if cfg.mode == "annotate" else "generate"
-        steps.append(("student", lambda: _student_step(cfg, rd, rd.result(made)["rows"])))
+        made = cfg.mode if cfg.mode != "none" else None
+        steps.append(("student", lambda: _student_step(cfg, rd, rd.result(made)["rows"] if made else None)))
     for name, fn in steps:
         if rd.done(name):
             log.info("%s: done in an earlier run, skipped", name)

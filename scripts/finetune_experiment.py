@@ -1,0 +1,252 @@
+"""The fine-tuned-teacher experiment of issue #13: SmolLM2-135M-Instruct fine-tuned on 125 labelled rows vs
+prompted as is, each annotating a pool and generating rows, a MiniLM student on each row set and on the 125
+gold rows alone, every student evaluated on the task's test set. Writes docs/finetune-experiment.md (+ .json).
+
+    .venv/bin/python scripts/finetune_experiment.py                          # both tasks, full size
+    .venv/bin/python scripts/finetune_experiment.py --tasks sst2 --pool-size 1000 --per-label 150
+
+Each (task, arm) is one `s3ray finetune` run in <out>/<task>/<arm>, derived from the task's committed config
+with overrides (printed as the equivalent command). Resumable: a rerun skips finished arms and, inside an
+unfinished one, finished steps. ft-generate uses ft-annotate's exported teacher (one fine-tune per task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CONFIGS = {"sst2": "configs/finetune/sst2-smollm2-experiment.yaml",
+           "rte": "configs/finetune/rte-smollm2-experiment.yaml"}
+ARMS = ["ft-annotate", "ft-generate", "prompted-annotate", "prompted-generate", "gold-125"]
+# The cheap arms first (a problem in the student or report shows before the long fine-tune); ft-generate
+# needs ft-annotate's exported teacher.
+RUN_ORDER = ["gold-125", "prompted-annotate", "prompted-generate", "ft-annotate", "ft-generate"]
+AS_IS = "training.method=none"
+INTRO = """Written by `scripts/finetune_experiment.py` (every number also in `finetune-experiment.json` beside
+this file); the recipe is described in [finetune.md](finetune.md). Per task, the embedded SmolLM2-135M-Instruct
+teacher is either **fine-tuned** (LoRA r=16, merged; 125 labelled train rows, both directions: input -> label
+and label -> input) or **prompted** as is (`training.method=none`, the same zero-shot prompts). Each teacher
+**annotates** the pool (label = argmax of the label completions' summed log-probabilities, kept when the softmax
+over them is >= the threshold) or **generates** rows from the same generation prompts. The MiniLM student
+(`embedded:all-minilm-l6-v2`, the same settings in every arm; epoch picked on the validation set) trains on each
+row set, and on the 125 gold rows alone (gold-125), and is evaluated once on the test set. Agreement is with the
+pool's hidden gold labels; "kept" is agreement among the rows above the threshold.
+"""
+
+
+def arm_overrides(arm: str, task_dir: Path) -> list[str]:
+    """The overrides that turn the task's config (the ft-annotate arm) into `arm`."""
+    return {
+        "ft-annotate": [],
+        "ft-generate": [AS_IS, f"model.path={task_dir / 'ft-annotate' / 'export'}", "mode=generate"],
+        "prompted-annotate": [AS_IS, "mode=annotate"],
+        "prompted-generate": [AS_IS, "mode=generate"],
+        "gold-125": [AS_IS, "mode=none"],
+    }[arm]
+
+
+def _shown(text: str) -> str:
+    """Paths in the printed commands relative to the repository, as the configs' data paths are (the runs
+    themselves keep absolute paths: their recorded config must not change between resumes)."""
+    return text.replace(str(REPO) + "/", "")
+
+
+def size_overrides(args) -> list[str]:
+    out = []
+    if args.pool_size:
+        out.append(f"data.pool_size={args.pool_size}")
+    if args.per_label:
+        out.append(f"generate.per_label={args.per_label}")
+    if args.max_steps:
+        out.append(f"training.max_steps={args.max_steps}")
+    return out
+
+
+def run_arm(task: str, arm: str, out: Path, sizes: list[str], collect_only: bool = False) -> dict:
+    """One arm through the recipe (resumed where it stopped); its report, step times and command.
+    collect_only: only read a finished arm's results (an unfinished one is reported as such)."""
+    from s3ray.finetune.config import load_finetune_config
+    from s3ray.finetune.recipe import run_recipe
+
+    run_dir = out / task / arm
+    sets = [f"run.output_dir={run_dir}", f"run.name={task}-{arm}", *arm_overrides(arm, out / task), *sizes]
+    cmd = "s3ray finetune " + CONFIGS[task] + " --resume " + " ".join(f"--set {s}" for s in sets)
+    print(f"\n=== {task} / {arm}\n$ {cmd}", flush=True)
+    if finished(run_dir, arm):
+        print("finished in an earlier run, skipped", flush=True)
+        return _collect(run_dir, cmd.split(" --set data.pool_size=")[0].split(" --set generate.per_label=")[0])
+    if collect_only:
+        return {"command": cmd, "unfinished": "not run to the end yet: rerun the command (it resumes)"}
+    t0 = time.perf_counter()
+    run_recipe(load_finetune_config(REPO / CONFIGS[task], sets), resume=True)
+    print(f"{task}/{arm}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return _collect(run_dir, cmd)
+
+
+def finished(run_dir: Path, arm: str) -> bool:
+    manifest = run_dir / "manifest.json"
+    if not ((run_dir / "report.json").is_file() and manifest.is_file()):
+        return False
+    return all(k in json.loads(manifest.read_text())["steps"] for k in _expected_steps(arm))
+
+
+def _expected_steps(arm: str) -> list[str]:
+    made = {"gold-125": []}.get(arm, ["annotate" if arm.endswith("annotate") else "generate"])
+    return ["finetune", *made, "student"]
+
+
+def _collect(run_dir: Path, cmd: str) -> dict:
+    """The arm's results from its manifest; the command gets the sizes the arm really ran with."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    steps, cfg = manifest["steps"], manifest["config"]
+    if "data.pool_size=" not in cmd and cfg["data"].get("pool_size"):
+        cmd += f" --set data.pool_size={cfg['data']['pool_size']}"
+    if "generate.per_label=" not in cmd and cfg["generate"]["per_label"] != 500:
+        cmd += f" --set generate.per_label={cfg['generate']['per_label']}"
+    return {"command": cmd, "run_dir": str(run_dir),
+            "steps": {k: {"result": v["result"], "seconds": v["seconds"]} for k, v in steps.items()}}
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                            check=False)
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "commit": commit.stdout.strip(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _secs(arm: dict, step: str) -> str:
+    s = arm.get("steps", {}).get(step)
+    return "—" if s is None or "skipped" in s["result"] else f"{s['seconds']:.0f}"
+
+
+def _arm_row(name: str, arm: dict) -> str:
+    if "error" in arm or "unfinished" in arm:
+        why = f"failed: {arm['error'].splitlines()[-1][:80]}" if "error" in arm else "**unfinished** (see below)"
+        return f"| {name} | {why} |" + " |" * 8
+    st = arm["steps"]
+    stu = st.get("student", {}).get("result", {})
+    test = stu.get("test_metrics", {})
+    made = st.get("annotate") or st.get("generate")
+    rows = stu.get("n_train", "—")
+    teacher = "—"
+    if "annotate" in st:
+        a = made["result"]
+        teacher = (f"agreement {_pct(a.get('agreement'))}% (kept {_pct(a.get('agreement_kept'))}%), "
+                   f"coverage {_pct(a['coverage'])}% of {a['n']}")
+    elif "generate" in st:
+        g = made["result"]
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(g["dropped"].items())) or "none"
+        teacher = f"kept {g['kept']} of {g['requested']} (dropped: {drops})"
+    return (f"| {name} | {teacher} | {rows} | {_pct(test.get('accuracy'))} | {_pct(test.get('macro_f1'))} | "
+            f"{_pct(stu.get('val_metrics', {}).get('accuracy'))} | {stu.get('best_epoch', '—')} | "
+            f"{_secs(arm, 'finetune')} | {_secs(arm, 'annotate') if 'annotate' in st else _secs(arm, 'generate')}"
+            f" | {_secs(arm, 'student')} |")
+
+
+def _finetune_line(arm: dict) -> str:
+    ft = arm.get("steps", {}).get("finetune", {}).get("result", {})
+    if not ft or "steps" not in ft:
+        return ""
+    return (f"Fine-tune (LoRA, merged): {ft['n_examples']} training examples (125 rows x both directions), "
+            f"{ft['steps']} optimizer steps, loss {ft['first_loss']:.3f} -> {ft['final_loss']:.3f}, "
+            f"{ft['wall_seconds']:.0f} s.\n\n")
+
+
+def write_report(results: dict, meta: dict, md: Path) -> None:
+    md.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    m = meta["machine"]
+    lines = [
+        "# Fine-tuned vs prompted teacher: the measured experiment (issue #13)\n",
+        INTRO,
+        (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, shared with other jobs (load average "
+         f"{m['load_average']} at the start, {meta.get('load_average_end')} at the end); torch {m['torch']}, "
+         f"transformers {m['transformers']}, commit {m['commit']}.\n"),
+        f"Command: `{meta['command']}` (total {meta.get('total_seconds', 0):.0f} s in this invocation).\n",
+    ]
+    for task, arms in results.items():
+        lines.append(f"\n## {task}\n")
+        if "ft-annotate" in arms:
+            lines.append(_finetune_line(arms["ft-annotate"]))
+        lines += [("| arm | teacher | student rows | test acc % | test macro-F1 % | val acc % | best epoch | "
+                   "fine-tune s | annotate/generate s | student s (fit + test) |"),
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [_arm_row(name, arms[name]) for name in ARMS if name in arms]
+        lines.append("\nCommands (each resumable):\n")
+        if any("data.pool_size=" in a.get("command", "") for a in arms.values()):
+            lines.append("**Reduced sizes** (`data.pool_size` / `generate.per_label` in the commands): the full "
+                         "experiment (the whole pool, 1,000 generated rows) is the same commands without them.\n")
+        lines += [f"- {name}: `{_shown(arms[name]['command'])}`" for name in ARMS if name in arms and "command" in arms[name]]
+    md.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default="sst2,rte", help="comma-separated: sst2, rte")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
+    ap.add_argument("--out", default="runs/finetune-experiment", help="run directories go here")
+    ap.add_argument("--pool-size", type=int, default=None, help="annotate only this many pool rows")
+    ap.add_argument("--per-label", type=int, default=None, help="generate.per_label (rows = 2 x this)")
+    ap.add_argument("--max-steps", type=int, default=None, help="cap the fine-tune's optimizer steps")
+    ap.add_argument("--doc", default="docs/finetune-experiment.md", help="the Markdown report (JSON beside it)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the Markdown from the JSON; run nothing")
+    ap.add_argument("--collect", action="store_true", help="report the finished arms found under --out; run "
+                    "nothing (arms run by separate invocations, sizes taken from --pool-size/--per-label)")
+    args = ap.parse_args(argv)
+    doc = REPO / args.doc
+    if args.report_only:
+        saved = json.loads(doc.with_suffix(".json").read_text())
+        write_report(saved["results"], saved["meta"], doc)
+        return 0
+    tasks, arms = args.tasks.split(","), args.arms.split(",")
+    bad = [t for t in tasks if t not in CONFIGS] + [a for a in arms if a not in ARMS]
+    if bad:
+        ap.error(f"unknown task/arm {bad}: tasks are {sorted(CONFIGS)}, arms {ARMS}")
+    out = Path(args.out).resolve()
+    t0 = time.perf_counter()
+    meta = {"machine": machine(), "command": "python scripts/finetune_experiment.py " + " ".join(argv or sys.argv[1:]),
+            "sizes": size_overrides(args)}
+    old = json.loads(doc.with_suffix(".json").read_text())["results"] if doc.with_suffix(".json").is_file() else {}
+    results: dict = {t: dict(old.get(t, {})) for t in tasks}
+    failed = False
+    for task in tasks:
+        for arm in RUN_ORDER:
+            if arm not in arms:
+                continue
+            try:
+                results[task][arm] = run_arm(task, arm, out, size_overrides(args), args.collect)
+            except Exception as e:  # noqa: BLE001 - recorded in the report and the exit code, never dropped
+                traceback.print_exc()
+                results[task][arm] = {"error": f"{type(e).__name__}: {e}"}
+                failed = True
+            meta.update(total_seconds=time.perf_counter() - t0,
+                        load_average_end=[round(x, 2) for x in os.getloadavg()])
+            write_report(results, meta, doc)
+    print(f"wrote {doc} and {doc.with_suffix('.json')}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
