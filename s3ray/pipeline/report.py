@@ -215,4 +215,6 @@ def write_report(run: RunDir) -> dict:
     atomic_write_bytes(run.path / "report.json", json.dumps(rep, indent=2).encode())
     _plot(rep, run.path / "report.png")
     atomic_write_bytes(run.path / "report.md", _markdown(rep).encode())
+    for name in ("report.json", "report.png", "report.md", "run.log"):  # an object store run: to its URI
+        run.push(name)
     return rep

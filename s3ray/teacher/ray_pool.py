@@ -34,6 +34,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from s3ray.config import TeacherConfig
+from s3ray.models import on_this_node
 from s3ray.runtime import alive_nodes, init_ray, set_cache_dirs
 from s3ray.teacher.backends import Faults, OnChunk
 from s3ray.teacher.cpu import engine_env
@@ -54,6 +55,7 @@ class _Replica:
             # theirs from the placement group bundles and must not inherit the empty mask.
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         set_cache_dirs(os.environ.get("S3RAY_CACHE", Path.home() / ".cache" / "s3ray"))
+        model_path = on_this_node(model_path)  # embedded or staged weights: this node's own copy
         self.index = index
         self.engine = make_engine(TeacherConfig.model_validate_json(cfg_json), model_path, engine_seed,
                                   **engine_kwargs)
@@ -182,7 +184,9 @@ class RayReplicaPool:
         if self.use_gpu and world > 1:
             # One bundle per GPU, packed on one node; the actor sits in bundle 0 and vLLM's Ray executor puts
             # its TP/PP workers on the group's bundles.
-            slot.placement_group = placement_group([{"GPU": 1, "CPU": 1}] * world, strategy="STRICT_PACK")
+            bundles = [{"GPU": 1, "CPU": 1} for _ in range(world)]
+            bundles[0].update(cfg.resources)  # teacher.resources: the node the whole group packs onto
+            slot.placement_group = placement_group(bundles, strategy="STRICT_PACK")
             opts.update(num_cpus=0, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=slot.placement_group, placement_group_bundle_index=0,
                 placement_group_capture_child_tasks=True))
@@ -192,6 +196,8 @@ class RayReplicaPool:
             opts.update(num_cpus=cfg.cpus_per_replica, num_gpus=1)
         else:
             opts.update(num_cpus=cfg.cpus_per_replica)
+        if cfg.resources and slot.placement_group is None:
+            opts["resources"] = dict(cfg.resources)
             if cfg.engine == "vllm" and world == 1:
                 engine_kwargs["distributed_executor_backend"] = "uni"  # in-process, see cpu.engine_env
         seed = derive_seed(self.run_seed, "replica", slot.index)
