@@ -223,7 +223,7 @@ def download_dir(uri: str, cache_dir: str | Path) -> Path:
     if dest.is_dir():
         return dest
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(parents=True)  # copy_files makes sub-folders, not always the top one
     try:
         pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         os.replace(tmp, dest)
@@ -256,6 +256,8 @@ def download(uri: str, local: str | Path) -> bool:
     local = Path(local)
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex}")
+    if kind == pafs.FileType.Directory:
+        tmp.mkdir()  # copy_files makes sub-folders, not always the top one
     try:
         pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         if kind == pafs.FileType.Directory:
