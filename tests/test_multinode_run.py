@@ -64,7 +64,7 @@ class Jobs:
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         ray_cli = str(Path(sys.executable).with_name("ray"))
-        return subprocess.run([ray_cli, "job", *args, "--address", self.cluster.dashboard], env=self.env,
+        return subprocess.run([ray_cli, "job", args[0], "--address", self.cluster.dashboard, *args[1:]], env=self.env,
                               capture_output=True, text=True, timeout=timeout, check=False)
 
     def submit(self, job_id: str, config: Path) -> None:
