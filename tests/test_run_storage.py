@@ -6,6 +6,7 @@ cache travels with the run, and model folders are staged once and resolved on ea
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -107,7 +108,7 @@ def test_a_local_model_folder_is_staged_once_and_resolved_on_each_node(uri, tmp_
     monkeypatch.setenv("S3RAY_CACHE", str(tmp_path / "node"))  # another node's cache
     local = models.on_this_node(staged)
     assert local.startswith(str(tmp_path / "node")) and (tmp_path / "node").exists()
-    assert open(f"{local}/model.safetensors", "rb").read() == b"\0" * 64
+    assert (Path(local) / "model.safetensors").read_bytes() == b"\0" * 64
     fresh = models.on_this_node(staged, reuse=False)
-    assert fresh != local and open(f"{fresh}/config.json").read() == "{}"
+    assert fresh != local and (Path(fresh) / "config.json").read_text() == "{}"
     assert models.on_this_node(str(folder)) == str(folder)

@@ -311,8 +311,8 @@ def _models_for_every_node(cfg: S3Config, inputs: RunInputs, run: RunDir) -> tup
     staged under the run storage when it is an object store or the cluster has several nodes. Before any
     generation, a multi-node run also proves every node sees its storage (storage.StorageError if not)."""
     multi = len(alive_nodes()) > 1
-    if multi:
-        check_visible_from_all_nodes(run.uri)
+    if multi:  # as written: `~/runs/x` is each node's own home
+        check_visible_from_all_nodes(cfg.run.output_dir)
     stage = run.remote or multi
     teacher = inputs.teacher_path
     if cfg.teacher.engine != "openai":
