@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,11 +74,9 @@ class Jobs:
         assert done.returncode == 0, done.stdout + done.stderr
 
     def status(self, job_id: str) -> str:
-        out = self.ray("status", job_id).stdout
-        for state in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-            if f"status: {state}" in out or f"'{state}'" in out or f"{state}." in out:
-                return state
-        return "UNKNOWN"
+        done = self.ray("status", job_id)
+        found = re.search(r"Status for job '[^']+': (\w+)", done.stdout + done.stderr)  # the CLI logs to stderr
+        return found.group(1) if found else "UNKNOWN"
 
     def logs(self, job_id: str) -> str:
         return self.ray("logs", job_id).stdout
