@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
@@ -124,11 +126,11 @@ def _local_or_hub(spec: str, field: str) -> str:
 STAGED_MARKER = ".s3ray-staged"  # written last: a staged folder without it is a half-finished upload
 
 
-def on_this_node(ref: str, reuse: bool = True) -> str:
+def on_this_node(ref: str) -> str:
     """The local folder for a model reference, resolved on the node that calls it (a replica, a worker):
     an embedded model is converted into this node's cache; a storage URI (a model staged under the run
-    storage, a student checkpoint) is downloaded into this node's cache (`reuse=False`: a fresh copy, for
-    folders that a re-run may replace); anything else is returned as it is."""
+    storage, whose name carries its fingerprint) is downloaded once into this node's cache; anything else is
+    returned as it is."""
     from s3ray import storage  # lazily: pyarrow is not needed to resolve embedded models
 
     if ref == EMBEDDED_TEACHER:
@@ -137,13 +139,22 @@ def on_this_node(ref: str, reuse: bool = True) -> str:
         return resolve_student(ref)
     if storage.is_local(ref):
         return ref
-    if reuse:
-        return str(storage.download_dir(ref, cache_root() / "staged"))
-    import tempfile
+    return str(storage.download_dir(ref, cache_root() / "staged"))
 
+
+@contextmanager
+def loaded_from(ref: str):
+    """`ref` as a local folder while the block loads it: a storage URI (a student checkpoint, which a re-run
+    replaces at the same URI, so no copy may be reused) is downloaded into a temp folder that is deleted
+    after the block (loaded weights live in memory); a local path is yielded as it is."""
+    from s3ray import storage
+
+    if storage.is_local(ref):
+        yield ref
+        return
     (cache_root() / "tmp").mkdir(parents=True, exist_ok=True)
-    dest = Path(tempfile.mkdtemp(prefix="ckpt-", dir=cache_root() / "tmp"))
-    return str(storage.download_dir(ref, dest))
+    with tempfile.TemporaryDirectory(prefix="ckpt-", dir=cache_root() / "tmp") as tmp:
+        yield str(storage.download_dir(ref, tmp))
 
 
 def portable(spec: str, resolved: str, run_uri: str, stage: bool) -> str:

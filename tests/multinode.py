@@ -75,9 +75,12 @@ class LocalCluster:
             "HOME": str(home), "TMPDIR": str(home / "tmp"), "XDG_CACHE_HOME": str(home / "cache"),
             "HF_HOME": str(home / "hf"), "S3RAY_CACHE": str(home / "s3ray"), MARKER: str(self.root),
             "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-            # A killed node is declared dead in ~3 s instead of ~15 s (its actors then restart elsewhere).
-            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-            "RAY_health_check_timeout_ms": "1000",
+            # A killed node (connection refused at once) is declared dead in ~6 s instead of ~15 s, so its
+            # actors restart elsewhere soon; a live node on a loaded machine gets 5 s per check, 3 tries.
+            "RAY_health_check_period_ms": "2000", "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_timeout_ms": "5000",
+            # A machine at load 30+ answers GCS calls slowly; Ray's own 60 s budget ran out in `ray start`.
+            "RAY_gcs_server_request_timeout_seconds": "300", "RAY_gcs_rpc_server_reconnect_timeout_s": "120",
             # This checkout's s3ray and the test helpers, whatever is installed.
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
         })
@@ -87,7 +90,22 @@ class LocalCluster:
             (home / sub).mkdir(parents=True, exist_ok=True)
         return env
 
-    def start_node(self, name: str, args: list[str], timeout_s: float = 120) -> Node:
+    def start_node(self, name: str, args: list[str], timeout_s: float = 300, attempts: int = 3) -> Node:
+        """`ray start` node `name`; on a loaded machine a start can time out inside Ray (a fixed 30 s for the
+        raylet to register), so a failed start is cleaned up and tried again."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_node_once(name, args, timeout_s)
+            except (RuntimeError, TimeoutError):
+                self._kill_home(name)
+                self.nodes = [n for n in self.nodes if n.name != name]
+                shutil.rmtree(self.root / name / "r", ignore_errors=True)
+                if attempt == attempts:
+                    raise
+                time.sleep(5)
+        raise AssertionError("unreachable")
+
+    def _start_node_once(self, name: str, args: list[str], timeout_s: float) -> Node:
         env = self.node_env(name)
         log = self.root / f"{name}.log"
         # Short temp paths: Ray's Unix sockets live below it and a socket path may not exceed 107 bytes.
@@ -108,22 +126,27 @@ class LocalCluster:
         _wait(started, timeout_s, f"Ray node {name} (log {log})")
         return node
 
-    def kill_node(self, name: str) -> None:
-        """SIGKILL node `name` and every process it started (a machine that vanishes)."""
-        node = next(n for n in self.nodes if n.name == name)
-        home = str(node.home)
-        victims = [node.proc.pid]
+    def _kill_home(self, name: str) -> list[int]:
+        """SIGKILL every process of this cluster whose HOME is node `name`'s; their pids."""
+        home = str(self.root / name)
+        victims = []
         for p in self.processes():
             try:
                 if p.environ().get("HOME") == home:
                     victims.append(p.pid)
+                    p.kill()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        return victims
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL node `name` and every process it started (a machine that vanishes)."""
+        node = next(n for n in self.nodes if n.name == name)
+        try:
+            os.kill(node.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._kill_home(name)
         node.proc.wait(timeout=30)
 
     def node_of(self, pid: int) -> str | None:

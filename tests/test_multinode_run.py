@@ -119,16 +119,16 @@ def scenario(tmp_path_factory):
         jobs = Jobs(cluster, call_log)
         local_dir = "~/runs/e2e"  # each node's own home (all "nodes" share one real disk here)
         jobs.submit("local", _config(work / "local.json", local_dir, teacher, student))
-        out["local_state"], out["local_logs"] = jobs.wait("local", 180), jobs.logs("local")
+        out["local_state"], out["local_logs"] = jobs.wait("local", 400), jobs.logs("local")
         out["local_calls"] = len(_calls(call_log))
 
         cfg = _config(work / "s3.json", RUN_URI, teacher, student)
         jobs.submit("a", cfg)
-        jobs.wait("a", 300, until=lambda: len(_calls(call_log)) >= 2)
+        jobs.wait("a", 600, until=lambda: len(_calls(call_log)) >= 2)
         first = _calls(call_log)[0][1]
         out["replica_node_before"] = cluster.node_of(first)
         cluster.kill_node(out["replica_node_before"])
-        state = jobs.wait("a", 400, until=lambda: "== round0/train" in jobs.logs("a"))
+        state = jobs.wait("a", 900, until=lambda: "== round0/train" in jobs.logs("a"))
         out["a_state_before_stop"] = state
         jobs.ray("stop", "a", timeout=60)
         out["a_state"] = jobs.wait("a", 60)
@@ -138,7 +138,7 @@ def scenario(tmp_path_factory):
 
         shutil.rmtree(cluster.root / "h" / "s3ray" / "runs", ignore_errors=True)  # "another head"
         jobs.submit("b", cfg)
-        out["b_state"] = jobs.wait("b", 600)
+        out["b_state"] = jobs.wait("b", 1200)
         out["b_logs"] = jobs.logs("b")
         out["b_calls"] = _calls(call_log)[len(out["a_calls"]):]
         if out["b_state"] == "SUCCEEDED":

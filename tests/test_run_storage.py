@@ -5,6 +5,7 @@ cache travels with the run, and model folders are staged once and resolved on ea
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -109,6 +110,34 @@ def test_a_local_model_folder_is_staged_once_and_resolved_on_each_node(uri, tmp_
     local = models.on_this_node(staged)
     assert local.startswith(str(tmp_path / "node")) and (tmp_path / "node").exists()
     assert (Path(local) / "model.safetensors").read_bytes() == b"\0" * 64
-    fresh = models.on_this_node(staged, reuse=False)
-    assert fresh != local and (Path(fresh) / "config.json").read_text() == "{}"
+    with models.loaded_from(staged) as fresh:  # a checkpoint: a fresh copy, gone once loaded
+        assert fresh != local and (Path(fresh) / "config.json").read_text() == "{}"
+    assert not Path(fresh).exists() and list((tmp_path / "node" / "tmp").iterdir()) == []
+    with models.loaded_from(str(folder)) as same:
+        assert same == str(folder)
+    assert folder.is_dir()
     assert models.on_this_node(str(folder)) == str(folder)
+
+
+def test_s3ray_report_rebuilds_the_report_of_an_object_store_run_from_the_uri(uri, tmp_path, monkeypatch, capsys):
+    from s3ray.cli import main
+    from s3ray.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/sst2_quickstart.yaml"), [])
+    run = RunDir(uri, cfg.model_dump(mode="json"), resume=False, local_dir=str(tmp_path / "head1"))
+    _steps(run)
+    (run.path / "run.log").write_text("the driver's log\n")
+    run.push("run.log")
+    run.close()
+    monkeypatch.setenv("S3RAY_CACHE", str(tmp_path / "laptop"))  # another machine, with an old copy's log
+    stale = mirror.working_copy(uri) / "run.log"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("an old log\n")
+    assert main(["report", uri]) == 0
+    assert f"wrote {uri}/report.md" in capsys.readouterr().out
+    rep = json.loads(storage.read_bytes(storage.join(uri, "report.json")))
+    rows = {r["round"]: r for r in rep["rounds"]}
+    assert rows[0]["new_rows"] == 2 and rows[1]["new_rows"] is None
+    assert "| 0 | 2 |" in storage.read_bytes(storage.join(uri, "report.md")).decode()
+    assert storage.read_bytes(storage.join(uri, "report.png")).startswith(b"\x89PNG")
+    assert storage.read_bytes(storage.join(uri, "run.log")) == b"the driver's log\n"  # not the reader's

@@ -197,6 +197,11 @@ class RunDir:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
 
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this object is the run's driver (`open_existing` readers never are)."""
+        return getattr(self, "_lock_fd", None) is not None
+
     def close(self) -> None:
         """Release the run's lock (also released when the process exits)."""
         fd = getattr(self, "_lock_fd", None)  # None too when __init__ failed early

@@ -196,10 +196,10 @@ class RayReplicaPool:
             opts.update(num_cpus=cfg.cpus_per_replica, num_gpus=1)
         else:
             opts.update(num_cpus=cfg.cpus_per_replica)
-        if cfg.resources and slot.placement_group is None:
-            opts["resources"] = dict(cfg.resources)
             if cfg.engine == "vllm" and world == 1:
                 engine_kwargs["distributed_executor_backend"] = "uni"  # in-process, see cpu.engine_env
+        if cfg.resources and slot.placement_group is None:
+            opts["resources"] = dict(cfg.resources)
         seed = derive_seed(self.run_seed, "replica", slot.index)
         opts["name"] = f"{self.name}-r{slot.index}-{slot.restarts}"
         slot.actor = ray.remote(_Replica).options(**opts).remote(
