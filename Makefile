@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/sst2_quickstart.yaml
 STAMP := $(VENV)/.s3ray-installed
 
-.PHONY: install install-gpu demo test fuzz lint bench clean
+.PHONY: install install-gpu demo test fuzz multinode lint bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt scripts/install.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh cpu
@@ -29,6 +29,11 @@ test: $(STAMP)
 # The crash-point fuzz: >= 30 SIGKILLs of a tiny S3 run, each resumed (15+ minutes on 2 cores).
 fuzz: $(STAMP)
 	$(BIN)/python -m pytest -q -m fuzz tests/test_fault_fuzz.py
+
+# A tiny s3:// run submitted with `ray job submit` to a 4-node loopback cluster (teacher node killed, job
+# stopped and resubmitted); 10+ minutes on 2 cores. tests/test_storage.py covers the storage check by default.
+multinode: $(STAMP)
+	$(BIN)/python -m pytest -q -m multinode tests/test_multinode_run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check s3ray tests benchmarks jobs

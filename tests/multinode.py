@@ -111,7 +111,8 @@ class LocalCluster:
         # Short temp paths: Ray's Unix sockets live below it and a socket path may not exceed 107 bytes.
         cmd = [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.root / name / "r"),
                "--min-worker-port", "0", "--max-worker-port", "0", "--disable-usage-stats",
-               "--dashboard-agent-listen-port", str(free_port()), "--object-store-memory", str(200 * 2**20), *args]
+               "--dashboard-agent-listen-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+               "--object-store-memory", str(200 * 2**20), *args]
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, env=env, cwd=env["HOME"], stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)

@@ -32,7 +32,7 @@ from s3ray import storage
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_URI = "s3://s3ray-runs/e2e"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]  # opt-in: make multinode
 
 
 def _config(path: Path, output_dir: str, teacher: Path, student: Path) -> Path:
