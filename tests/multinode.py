@@ -81,6 +81,7 @@ class LocalCluster:
             "RAY_health_check_timeout_ms": "5000",
             # A machine at load 30+ answers GCS calls slowly; Ray's own 60 s budget ran out in `ray start`.
             "RAY_gcs_server_request_timeout_seconds": "300", "RAY_gcs_rpc_server_reconnect_timeout_s": "120",
+            "RAY_raylet_start_wait_time_s": "180",  # how long `ray start` waits for its raylet to register
             # This checkout's s3ray and the test helpers, whatever is installed.
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
         })
@@ -90,7 +91,7 @@ class LocalCluster:
             (home / sub).mkdir(parents=True, exist_ok=True)
         return env
 
-    def start_node(self, name: str, args: list[str], timeout_s: float = 300, attempts: int = 3) -> Node:
+    def start_node(self, name: str, args: list[str], timeout_s: float = 300, attempts: int = 5) -> Node:
         """`ray start` node `name`; on a loaded machine a start can time out inside Ray (a fixed 30 s for the
         raylet to register), so a failed start is cleaned up and tried again."""
         for attempt in range(1, attempts + 1):

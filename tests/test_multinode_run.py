@@ -75,7 +75,11 @@ class Jobs:
 
     def status(self, job_id: str) -> str:
         done = self.ray("status", job_id)
-        found = re.search(r"Status for job '[^']+': (\w+)", done.stdout + done.stderr)  # the CLI logs to stderr
+        said = done.stdout + done.stderr  # the CLI logs to stderr; an ended job gets a sentence of its own
+        for state, words in (("SUCCEEDED", "succeeded"), ("FAILED", "failed"), ("STOPPED", "was stopped")):
+            if f"Job '{job_id}' {words}" in said:
+                return state
+        found = re.search(r"Status for job '[^']+': (\w+)", said)
         return found.group(1) if found else "UNKNOWN"
 
     def logs(self, job_id: str) -> str:
@@ -90,7 +94,7 @@ class Jobs:
                 return state
             if until is not None and until():
                 return ""
-            time.sleep(3)
+            time.sleep(5)
         raise TimeoutError(f"job {job_id} still {self.status(job_id)} after {timeout_s:.0f} s:\n"
                            f"{self.logs(job_id)[-4000:]}")
 
