@@ -43,7 +43,7 @@ def _config(path: Path, output_dir: str, teacher: Path, student: Path) -> Path:
         "teacher": {"model": str(teacher), "engine": "transformers", "transformers": {"batch_size": 1},
                     "max_in_flight": 2, "sampling": {"max_tokens": 16}, "resources": {"teacher_node": 1},
                     "request_timeout_s": 120, "start_timeout_s": 240},
-        "synthesis": {"num_rationales": 2, "rationales_per_example": 1, "seed_examples": 24, "rounds": 1,
+        "synthesis": {"num_rationales": 2, "rationales_per_example": 1, "seed_examples": 60, "rounds": 1,
                       "min_chars": 4},
         "student": {"model": str(student), "epochs": 1, "batch_size": 8, "max_length": 32,
                     "resources": {"student_node": 0.01}, "cpus_per_worker": 1},
@@ -85,16 +85,19 @@ class Jobs:
     def logs(self, job_id: str) -> str:
         return self.ray("logs", job_id).stdout
 
-    def wait(self, job_id: str, timeout_s: float, until=None) -> str:
-        """Poll until the job ends (or `until(logs)` holds); the final state ('' when `until` held)."""
-        deadline = time.monotonic() + timeout_s
+    def wait(self, job_id: str, timeout_s: float, until=None, until_every_s: float = 5.0) -> str:
+        """Poll until the job ends (or `until()` holds, checked every `until_every_s`); the final state ('' when
+        `until` held). The job's state (a CLI call, seconds on a loaded machine) is asked every 5 s at most."""
+        deadline, next_status = time.monotonic() + timeout_s, 0.0
         while time.monotonic() < deadline:
-            state = self.status(job_id)
-            if state in ("SUCCEEDED", "FAILED", "STOPPED"):
-                return state
             if until is not None and until():
                 return ""
-            time.sleep(5)
+            if time.monotonic() >= next_status:
+                state = self.status(job_id)
+                if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+                    return state
+                next_status = time.monotonic() + 5
+            time.sleep(until_every_s if until is not None else 5)
         raise TimeoutError(f"job {job_id} still {self.status(job_id)} after {timeout_s:.0f} s:\n"
                            f"{self.logs(job_id)[-4000:]}")
 
@@ -128,7 +131,8 @@ def scenario(tmp_path_factory):
 
         cfg = _config(work / "s3.json", RUN_URI, teacher, student)
         jobs.submit("a", cfg)
-        jobs.wait("a", 600, until=lambda: len(_calls(call_log)) >= 2)
+        # The kill must land mid-generation: the call log is read every 0.2 s (generation takes seconds).
+        jobs.wait("a", 600, until=lambda: len(_calls(call_log)) >= 2, until_every_s=0.2)
         first = _calls(call_log)[0][1]
         out["replica_node_before"] = cluster.node_of(first)
         cluster.kill_node(out["replica_node_before"])
