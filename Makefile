@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/sst2_quickstart.yaml
 STAMP := $(VENV)/.s3ray-installed
 
-.PHONY: install install-gpu demo test fuzz corpus-scale lint bench clean
+.PHONY: install install-gpu demo test fuzz corpus-scale multinode lint bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt scripts/install.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh cpu
@@ -33,6 +33,11 @@ fuzz: $(STAMP)
 # A 20k-row corpus, SIGKILLed twice and resumed, equals the uninterrupted one (minutes on 2 cores).
 corpus-scale: $(STAMP)
 	$(BIN)/python -m pytest -q -m corpus_scale tests/test_corpus.py
+
+# A tiny s3:// run submitted with `ray job submit` to a 4-node loopback cluster (teacher node killed, job
+# stopped and resubmitted); 10+ minutes on 2 cores. tests/test_storage.py covers the storage check by default.
+multinode: $(STAMP)
+	$(BIN)/python -m pytest -q -m multinode tests/test_multinode_run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check s3ray tests benchmarks jobs

@@ -43,8 +43,8 @@ def check_run_storage(output_dir: str, address: str | None, in_job: bool) -> Non
         from s3ray.runtime import alive_nodes, init_ray
 
         init_ray(address=address)  # the run joins the same cluster later (init_ray is idempotent)
-        if len(alive_nodes()) > 1:
-            storage.check_visible_from_all_nodes(storage.absolute_output_dir(output_dir))
+        if len(alive_nodes()) > 1:  # as written: `~` is each node's own home, as a node-local path is
+            storage.check_visible_from_all_nodes(output_dir)
 
 
 def in_ray_job() -> bool:

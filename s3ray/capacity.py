@@ -101,10 +101,14 @@ def replica_bundles(cfg: TeacherConfig, use_gpu: bool) -> list[Unit]:
     TP x PP > 1 one bundle per GPU (vLLM's Ray executor puts one worker on each), STRICT_PACKed."""
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
     if use_gpu and world > 1:
-        return [{"GPU": 1.0, "CPU": 1.0} for _ in range(world)]
-    if use_gpu:
-        return [{"CPU": float(cfg.cpus_per_replica), "GPU": 1.0}]
-    return [{"CPU": float(cfg.cpus_per_replica)}]
+        bundles = [{"GPU": 1.0, "CPU": 1.0} for _ in range(world)]
+    elif use_gpu:
+        bundles = [{"CPU": float(cfg.cpus_per_replica), "GPU": 1.0}]
+    else:
+        bundles = [{"CPU": float(cfg.cpus_per_replica)}]
+    # teacher.resources (custom node labels) go in bundle 0: STRICT_PACK keeps the others on the same node.
+    bundles[0].update({k: float(v) for k, v in cfg.resources.items()})
+    return bundles
 
 
 def replica_too_big(cfg: TeacherConfig, use_gpu: bool, nodes: list[Node]) -> str | None:

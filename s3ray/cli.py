@@ -76,22 +76,25 @@ def _check_cluster(cfg, students: bool = True, backend: str | None = None) -> li
 
 
 def _cmd_run(args) -> int:
+    from s3ray import storage
     from s3ray.config import load_config
+    from s3ray.pipeline.mirror import working_copy
     from s3ray.pipeline.rundir import check_can_open
     from s3ray.pipeline.s3 import prepare_inputs, run_s3
 
     cfg = load_config(args.config, args.overrides)
     _check_stop_after(args.stop_after, cfg)
-    out = Path(cfg.run.output_dir)
-    resume = args.resume or (args.resume_if_exists and (out / "manifest.json").is_file())
+    out = cfg.run.output_dir  # a path, or an object store URI (s3://...)
+    resume = args.resume or (args.resume_if_exists and storage.exists(storage.join(out, "manifest.json")))
     check_can_open(out, resume)
     _setup_logging(None, args.verbose)
     _check_cluster(cfg)
     inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
-    _setup_logging(out / "run.log", args.verbose)  # the run dir is created only once its inputs are sound
+    local = Path(out) if storage.is_local(out) else working_copy(storage.absolute_output_dir(out), cfg.run.local_dir)
+    _setup_logging(local / "run.log", args.verbose)  # the run dir is created only once its inputs are sound
     rep = run_s3(cfg, resume=resume, inputs=inputs, stop_after=args.stop_after)
-    print(f"\nreport: {out / 'report.md'}  (JSON: report.json, plot: report.png)")
-    print(f"final synthetic dataset: {out / 'final' / 'train.parquet'}")
+    print(f"\nreport: {storage.join(out, 'report.md')}  (JSON: report.json, plot: report.png)")
+    print(f"final synthetic dataset: {storage.join(out, 'final/train.parquet')}")
     for row in rep["comparison"]:
         t = row["test"]
         print(f"  {row['method']:<40} test {rep['metric']}: {'–' if t is None else f'{100 * t:.2f}'}")
@@ -171,12 +174,12 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from s3ray import storage
     from s3ray.pipeline.report import write_report
     from s3ray.pipeline.rundir import RunDir
 
-    path = Path(args.run_dir)
-    write_report(RunDir.open_existing(path))  # read-only: works beside a running driver
-    print(f"wrote {path / 'report.md'}")
+    write_report(RunDir.open_existing(args.run_dir))  # read-only: works beside a running driver
+    print(f"wrote {storage.join(args.run_dir, 'report.md')}")
     return 0
 
 

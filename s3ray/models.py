@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
@@ -118,3 +120,58 @@ def _local_or_hub(spec: str, field: str) -> str:
             "reachable (huggingface-cli download) and give the folder path"
         )
     return spec  # hub id: the engine resolves it (only where a hub is reachable)
+
+
+# --- models on every node ------------------------------------------------------------------------------
+STAGED_MARKER = ".s3ray-staged"  # written last: a staged folder without it is a half-finished upload
+
+
+def on_this_node(ref: str) -> str:
+    """The local folder for a model reference, resolved on the node that calls it (a replica, a worker):
+    an embedded model is converted into this node's cache; a storage URI (a model staged under the run
+    storage, whose name carries its fingerprint) is downloaded once into this node's cache; anything else is
+    returned as it is."""
+    from s3ray import storage  # lazily: pyarrow is not needed to resolve embedded models
+
+    if ref == EMBEDDED_TEACHER:
+        return resolve_teacher(ref)
+    if ref == EMBEDDED_STUDENT:
+        return resolve_student(ref)
+    if storage.is_local(ref):
+        return ref
+    return str(storage.download_dir(ref, cache_root() / "staged"))
+
+
+@contextmanager
+def loaded_from(ref: str):
+    """`ref` as a local folder while the block loads it: a storage URI (a student checkpoint, which a re-run
+    replaces at the same URI, so no copy may be reused) is downloaded into a temp folder that is deleted
+    after the block (loaded weights live in memory); a local path is yielded as it is."""
+    from s3ray import storage
+
+    if storage.is_local(ref):
+        yield ref
+        return
+    (cache_root() / "tmp").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ckpt-", dir=cache_root() / "tmp") as tmp:
+        yield str(storage.download_dir(ref, tmp))
+
+
+def portable(spec: str, resolved: str, run_uri: str, stage: bool) -> str:
+    """What replicas and workers get for a model: embedded specs as they are (each node resolves its own),
+    a local folder staged once under `<run_uri>/models/<fingerprint>` when `stage` (object store storage or
+    a multi-node cluster: the folder may not exist on other nodes), anything else (a hub id) unchanged."""
+    from s3ray import storage
+
+    if spec.startswith("embedded:"):
+        return spec
+    if not stage or not Path(resolved).is_dir():
+        return resolved
+    from s3ray.teacher.teacher import model_fingerprint  # lazily: teacher imports this module
+
+    uri = storage.join(run_uri, "models", f"{Path(resolved).name}-{model_fingerprint(resolved)}")
+    if not storage.exists(storage.join(uri, STAGED_MARKER)):
+        storage.delete_dir(uri)
+        storage.upload_dir(resolved, uri)
+        storage.write_bytes(storage.join(uri, STAGED_MARKER), resolved.encode())
+    return uri

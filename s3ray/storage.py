@@ -223,7 +223,7 @@ def download_dir(uri: str, cache_dir: str | Path) -> Path:
     if dest.is_dir():
         return dest
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(parents=True)  # copy_files makes sub-folders, not always the top one
     try:
         pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         os.replace(tmp, dest)
@@ -232,6 +232,44 @@ def download_dir(uri: str, cache_dir: str | Path) -> Path:
         if not dest.is_dir():  # else another process on this node finished the same download first
             raise StorageError(f"downloading {uri} to {dest} failed: {exc}") from exc
     return dest
+
+
+def upload(local: str | Path, uri: str) -> None:
+    """Copy a local file or folder to `uri` (a folder replaces what was there)."""
+    local = Path(local)
+    fs, path = resolve(uri)
+    if local.is_dir():
+        delete_dir(uri)
+        upload_dir(local, uri)
+        return
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(str(local.absolute()), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
+def download(uri: str, local: str | Path) -> bool:
+    """Copy the file or folder at `uri` over `local`, whole or not at all; False when `uri` has nothing."""
+    fs, path = resolve(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        return False
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex}")
+    if kind == pafs.FileType.Directory:
+        tmp.mkdir()  # copy_files makes sub-folders, not always the top one
+    try:
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        if kind == pafs.FileType.Directory:
+            replace_local_dir(tmp, local)
+        else:
+            os.replace(tmp, local)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+    return True
 
 
 def _node_probe(uri: str, token: str, node_id: str) -> str | None:

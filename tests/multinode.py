@@ -62,6 +62,7 @@ class LocalCluster:
     s3_endpoint: str | None
     nodes: list[Node] = field(default_factory=list)
     moto: subprocess.Popen | None = None
+    dashboard: str | None = None  # http://HOST:PORT of the head's dashboard (`ray job submit --address`)
     # Ray 2.60 turns token auth on for a local ray.init() (and this process may have done one), so the test
     # cluster is a token cluster like a real one: every node and driver gets the same token, whatever HOME says.
     token: str = field(default_factory=lambda: secrets.token_hex(32))
@@ -74,6 +75,13 @@ class LocalCluster:
             "HOME": str(home), "TMPDIR": str(home / "tmp"), "XDG_CACHE_HOME": str(home / "cache"),
             "HF_HOME": str(home / "hf"), "S3RAY_CACHE": str(home / "s3ray"), MARKER: str(self.root),
             "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+            # A killed node (connection refused at once) is declared dead in ~6 s instead of ~15 s, so its
+            # actors restart elsewhere soon; a live node on a loaded machine gets 5 s per check, 3 tries.
+            "RAY_health_check_period_ms": "2000", "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_timeout_ms": "5000",
+            # A machine at load 30+ answers GCS calls slowly; Ray's own 60 s budget ran out in `ray start`.
+            "RAY_gcs_server_request_timeout_seconds": "300", "RAY_gcs_rpc_server_reconnect_timeout_s": "120",
+            "RAY_raylet_start_wait_time_s": "180",  # how long `ray start` waits for its raylet to register
             # This checkout's s3ray and the test helpers, whatever is installed.
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
         })
@@ -83,13 +91,29 @@ class LocalCluster:
             (home / sub).mkdir(parents=True, exist_ok=True)
         return env
 
-    def start_node(self, name: str, args: list[str], timeout_s: float = 120) -> Node:
+    def start_node(self, name: str, args: list[str], timeout_s: float = 300, attempts: int = 5) -> Node:
+        """`ray start` node `name`; on a loaded machine a start can time out inside Ray (a fixed 30 s for the
+        raylet to register), so a failed start is cleaned up and tried again."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_node_once(name, args, timeout_s)
+            except (RuntimeError, TimeoutError):
+                self._kill_home(name)
+                self.nodes = [n for n in self.nodes if n.name != name]
+                shutil.rmtree(self.root / name / "r", ignore_errors=True)
+                if attempt == attempts:
+                    raise
+                time.sleep(5)
+        raise AssertionError("unreachable")
+
+    def _start_node_once(self, name: str, args: list[str], timeout_s: float) -> Node:
         env = self.node_env(name)
         log = self.root / f"{name}.log"
         # Short temp paths: Ray's Unix sockets live below it and a socket path may not exceed 107 bytes.
         cmd = [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.root / name / "r"),
                "--min-worker-port", "0", "--max-worker-port", "0", "--disable-usage-stats",
-               "--dashboard-agent-listen-port", str(free_port()), "--object-store-memory", str(200 * 2**20), *args]
+               "--dashboard-agent-listen-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+               "--object-store-memory", str(200 * 2**20), *args]
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, env=env, cwd=env["HOME"], stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -103,6 +127,37 @@ class LocalCluster:
 
         _wait(started, timeout_s, f"Ray node {name} (log {log})")
         return node
+
+    def _kill_home(self, name: str) -> list[int]:
+        """SIGKILL every process of this cluster whose HOME is node `name`'s; their pids."""
+        home = str(self.root / name)
+        victims = []
+        for p in self.processes():
+            try:
+                if p.environ().get("HOME") == home:
+                    victims.append(p.pid)
+                    p.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return victims
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL node `name` and every process it started (a machine that vanishes)."""
+        node = next(n for n in self.nodes if n.name == name)
+        try:
+            os.kill(node.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._kill_home(name)
+        node.proc.wait(timeout=30)
+
+    def node_of(self, pid: int) -> str | None:
+        """The name of the node whose process `pid` is (by its HOME), None if it is gone."""
+        try:
+            home = psutil.Process(pid).environ().get("HOME")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+        return next((n.name for n in self.nodes if str(n.home) == home), None)
 
     def processes(self) -> list[psutil.Process]:
         """Every live process started for this cluster (found by the marker in its environment)."""
@@ -174,18 +229,27 @@ def _start_moto(cluster: LocalCluster, timeout_s: float = 60) -> None:
     _wait(up, timeout_s, f"moto S3 server at {cluster.s3_endpoint}")
 
 
-def start_cluster(gpus_per_worker: int = 0, with_s3: bool = True, worker_cpus: int = 1) -> LocalCluster:
-    """Head (no CPUs), a `teacher_node` and a `student_node` worker, and an S3 endpoint; all on loopback."""
+def start_cluster(gpus_per_worker: int = 0, with_s3: bool = True, worker_cpus: int = 1, dashboard: bool = False,
+                  spare_teacher: bool = False) -> LocalCluster:
+    """Head (no CPUs), a `teacher_node` and a `student_node` worker, and an S3 endpoint; all on loopback.
+    `dashboard`: the head serves Ray's job API (`cluster.dashboard`); `spare_teacher`: a second
+    `teacher_node` ("t2"), where a replica lost with its node comes back."""
     root = Path(tempfile.mkdtemp(prefix="s3mn-", dir="/tmp"))
     port = free_port()
     cluster = LocalCluster(root, f"127.0.0.1:{port}", f"http://127.0.0.1:{free_port()}" if with_s3 else None)
     try:
         if with_s3:
             _start_moto(cluster)
-        cluster.start_node("h", ["--head", "--port", str(port), "--num-cpus", "0", "--include-dashboard",
-                                 "false", "--ray-client-server-port", str(free_port())])
+        dash = ["false"]
+        if dashboard:
+            dash_port = free_port()
+            cluster.dashboard = f"http://127.0.0.1:{dash_port}"
+            dash = ["true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
+        cluster.start_node("h", ["--head", "--port", str(port), "--num-cpus", "0", "--include-dashboard", *dash,
+                                 "--ray-client-server-port", str(free_port())])
         gpu = ["--num-gpus", str(gpus_per_worker)] if gpus_per_worker else []
-        for name, resource in (("t", "teacher_node"), ("s", "student_node")):
+        workers = [("t", "teacher_node"), ("s", "student_node")] + ([("t2", "teacher_node")] if spare_teacher else [])
+        for name, resource in workers:
             cluster.start_node(name, ["--address", cluster.address, "--num-cpus", str(worker_cpus),
                                       "--resources", f'{{"{resource}": 1}}', *gpu])
     except BaseException:

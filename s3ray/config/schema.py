@@ -32,7 +32,15 @@ class _Strict(BaseModel):
 
 class RunConfig(_Strict):
     name: str = Field("s3-run", description="Run name, used in the report title.")
-    output_dir: str = Field("runs/s3-run", description="Run directory: Parquet rounds, manifest, report.")
+    output_dir: str = Field(
+        "runs/s3-run", description="Run directory: Parquet rounds, manifest, report. A local or shared-filesystem "
+        "path, or an object store URI (s3://BUCKET/PREFIX; an S3-compatible server via S3RAY_S3_ENDPOINT), which "
+        "every node of a multi-node run reads and writes.",
+    )
+    local_dir: str | None = Field(
+        None, description="Object store runs: the driver's local working copy. None: under ~/.cache/s3ray/runs "
+        "(S3RAY_CACHE).",
+    )
     seed: int = Field(0, description="Master seed: every sampling seed, split and shuffle derives from it.")
     seeds: list[int] | None = Field(
         None, description="`s3ray sweep`: one whole run per seed, in <output_dir>/seed<N>, and a mean ± std report.",
@@ -189,6 +197,10 @@ class TeacherConfig(_Strict):
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per replica (vLLM).")
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica.")
     use_gpu: bool | None = Field(None, description="Place replicas on GPUs. None: yes when the cluster has GPUs.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each replica asks for, e.g. {teacher_node: 1} to "
+        "keep replicas on nodes started with --resources '{\"teacher_node\": 1}'.",
+    )
     max_in_flight: int = Field(64, ge=1, description="Requests outstanding per replica (backpressure).")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Weights dtype for vllm/transformers engines."
@@ -284,6 +296,10 @@ class StudentConfig(_Strict):
         "more than the free CPUs."
     )
     use_gpu: bool = Field(False, description="Train on GPUs (one per worker).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each training worker, embedding task and mining "
+        "actor asks for, e.g. {student_node: 0.1} to keep them on nodes started with that resource.",
+    )
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Data-parallel strategy in Ray Train.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage when strategy=deepspeed.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype (GPU).")

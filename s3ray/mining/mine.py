@@ -18,14 +18,12 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from s3ray import storage
 from s3ray.mining.read import read_dataset
@@ -99,12 +97,13 @@ def _below_cut(batch: pa.Table, margin: float, key: str) -> pa.Table:
     return _with_kind(batch.filter(keep), "hard")
 
 
-def write_part(table: pa.Table, folder: Path, name: str) -> None:
-    """Write `folder/name` durably and atomically: a hidden temp file (readers skip dot-files), fsync, rename."""
-    storage.write_parquet(str(folder / name), table)
+def write_part(table: pa.Table, folder: str | Path, name: str) -> None:
+    """Write `folder/name` durably and atomically: on a disk a hidden temp file (readers skip dot-files),
+    fsync, rename; on an object store one PUT (atomic there). `folder` may be a URI every node sees."""
+    storage.write_parquet(storage.join(str(folder), name), table)
 
 
-def _prediction_sink(pred_dir: Path, err_dir: Path, task: Task, k: int):
+def _prediction_sink(pred_dir: str, err_dir: str, task: Task, k: int):
     """A Ray Data Datasink writing each block's predictions and errors, returning its summary."""
     from ray.data import Datasink  # Ray stays out of the core's imports; this module is its Ray Data edge
     from ray.data.block import BlockAccessor
@@ -117,8 +116,9 @@ def _prediction_sink(pred_dir: Path, err_dir: Path, task: Task, k: int):
             self.schema: pa.Schema | None = None
 
         def on_write_start(self, schema=None) -> None:
-            pred_dir.mkdir(parents=True, exist_ok=True)
-            err_dir.mkdir(parents=True, exist_ok=True)
+            if storage.is_local(pred_dir):
+                Path(pred_dir).mkdir(parents=True, exist_ok=True)
+                Path(err_dir).mkdir(parents=True, exist_ok=True)
 
         def write(self, blocks, ctx) -> dict:
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
@@ -190,20 +190,20 @@ def inference_pool(use_gpu: bool, concurrency: int | str) -> dict:
 
 # --- the pipeline --------------------------------------------------------------------------------------
 
-def _ensure_schema_file(folder: Path, schema: pa.Schema) -> None:
+def _ensure_schema_file(folder: str, schema: pa.Schema) -> None:
     """An empty result still gets one (empty) Parquet file, so readers see the columns, not a missing path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if not list(folder.glob("*.parquet")):
-        pq.write_table(schema.empty_table(), folder / "empty.parquet")
+    if not [n for n in storage.list_dir(folder) if n.endswith(".parquet") and not n.startswith(".")]:
+        storage.write_parquet(storage.join(folder, "empty.parquet"), schema.empty_table())
 
 
-def _add_hard_examples(pred_dir: Path, err_dir: Path, cut: tuple, expected: int, schema) -> int:
+def _add_hard_examples(pred_dir: str, err_dir: str, cut: tuple, expected: int, schema) -> int:
     """Second pass, only for hard examples: the correct rows under the global (margin, id) cut, written
     beside the errors. Returns how many were written."""
     hard = read_dataset(pred_dir).map_batches(
         _below_cut, fn_kwargs={"margin": cut[0], "key": cut[1]}, batch_format="pyarrow"
     )
-    hard.write_parquet(str(err_dir))  # Ray names files by write task: a retried task rewrites its own file
+    fs, inside = storage.resolve(err_dir)  # Ray names files by write task: a retried task rewrites its own file
+    hard.write_parquet(inside, filesystem=fs)
     if schema is not None and "id" not in schema.names:
         # Without ids, rows tied at the cut's margin are all kept: count what was written.
         return read_dataset(err_dir).filter(expr="kind == 'hard'").count()
@@ -218,6 +218,7 @@ def mine_errors(
     mining_cfg,
     out_dir: str | Path,
     predictor_cls: type | None = None,
+    resources: dict | None = None,
 ) -> MiningResult:
     """Predict every validation row with the student at `checkpoint`, write predictions and errors to Parquet
     under `out_dir` ("predictions/", "errors/"), and return counts and the task metric.
@@ -226,17 +227,18 @@ def mine_errors(
     broken by row id. `predictor_cls` defaults to `s3ray.student.predict.StudentPredictor` (a callable class
     over numpy batches that adds prediction / margin and the task's `score_rows` columns); it is built with
     the caller's `task`. Re-running into the same `out_dir` replaces the earlier result. Ray must be
-    initialised.
+    initialised. `checkpoint`, `validation_path` and `out_dir` may be object store URIs (a multi-node run's
+    storage): the actors then load their own copy of the checkpoint and every part goes straight there.
+    `resources`: custom Ray resources each inference actor asks for (student.resources).
     """
     if predictor_cls is None:
         # torch and transformers load only when mining runs (the predictor module imports them).
         from s3ray.student.predict import StudentPredictor as predictor_cls
 
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    pred_dir, err_dir = out_dir / "predictions", out_dir / "errors"
+    pred_dir, err_dir = storage.join(str(out_dir), "predictions"), storage.join(str(out_dir), "errors")
     for d in (pred_dir, err_dir):
-        shutil.rmtree(d, ignore_errors=True)  # a re-run of a round replaces, never appends
+        storage.delete_dir(d)  # a re-run of a round replaces, never appends
 
     # 1. Inference. Small blocks (a few batches each) so every actor gets work and writing overlaps
     # inference even when the set is one file; this re-blocking streams (no shuffle, no barrier).
@@ -255,6 +257,7 @@ def mine_errors(
         batch_size=mining_cfg.batch_size,
         batch_format="numpy",
         **inference_pool(use_gpu, mining_cfg.concurrency),
+        **({"resources": dict(resources)} if resources else {}),
     )
     log.info("mining errors: %s over %s", checkpoint, validation_path)
     k = mining_cfg.hard_examples
@@ -268,8 +271,8 @@ def mine_errors(
         _ensure_schema_file(err_dir, sink.schema.append(pa.field("kind", pa.string())))
 
     result = MiningResult(
-        errors_path=str(err_dir),
-        predictions_path=str(pred_dir),
+        errors_path=err_dir,
+        predictions_path=pred_dir,
         n_rows=n_rows,
         n_errors=n_rows - n_correct,
         n_hard=n_hard,

@@ -8,11 +8,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from s3ray import storage
+
 
 def read_dataset(path: str | Path):
-    """A Ray Dataset over a Parquet / JSONL (optionally .gz) / CSV file or a folder of them."""
+    """A Ray Dataset over a Parquet / JSONL (optionally .gz) / CSV file or a folder of them; an object store
+    URI (a run's storage) holds Parquet."""
     import ray.data  # Ray stays out of the core's imports (only runtime.py and the teacher pool import it)
 
+    if not storage.is_local(str(path)):
+        fs, inside = storage.resolve(str(path))
+        return ray.data.read_parquet(inside, filesystem=fs)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"validation set {p} does not exist (data.validation in the run config)")
@@ -57,7 +63,11 @@ def _read_parquet(path: str, n_files: int):
 
 def read_errors(path: str | Path) -> list[dict]:
     """The rows under a mining `errors_path` (errors, then hard examples), one per id, in id order."""
-    rows = pq.read_table(str(path)).to_pylist()
+    if storage.is_local(str(path)):
+        rows = pq.read_table(str(path)).to_pylist()
+    else:
+        fs, inside = storage.resolve(str(path))
+        rows = pq.read_table(inside, filesystem=fs).to_pylist()
     seen: set = set()
     out = []
     for r in sorted(rows, key=lambda r: (r.get("kind") != "error", str(r.get("id")))):

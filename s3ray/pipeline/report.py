@@ -215,4 +215,8 @@ def write_report(run: RunDir) -> dict:
     atomic_write_bytes(run.path / "report.json", json.dumps(rep, indent=2).encode())
     _plot(rep, run.path / "report.png")
     atomic_write_bytes(run.path / "report.md", _markdown(rep).encode())
+    # An object store run: to its URI. run.log only from the driver (which holds the lock): `s3ray report` on
+    # another machine may have a stale copy of it.
+    for name in ("report.json", "report.png", "report.md", *(["run.log"] if run.holds_lock else [])):
+        run.push(name)
     return rep

@@ -6,6 +6,10 @@ output. A crash between the two leaves the step unrecorded; on resume it runs ag
 generation cache keeps it from regenerating examples that were already written. A recorded step whose
 output no longer matches its record (a power loss before the data reached the disk, a truncated copy) is
 run again too. One driver at a time: the run holds an exclusive lock on `run.lock` until it closes.
+
+`run.output_dir` may be an object store URI (s3://...): the driver then works in a node-local copy and pushes
+every output to the URI before the manifest that records it (mirror.py), and a start reads the run from the
+URI, so a driver on another machine resumes it. (An object store has no lock: one job per run dir.)
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from s3ray import storage
+from s3ray.pipeline import mirror
 from s3ray.redact import redact
 
 log = logging.getLogger("s3ray")
 
 # Config sections that may change between a run and its resume (they don't change results).
-_RESUMABLE_CHANGES = {"ray", "mining.concurrency", "mining.batch_size", "teacher.replicas", "teacher.max_in_flight",
+_RESUMABLE_CHANGES = {"ray", "run.local_dir", "teacher.resources", "student.resources", "mining.concurrency", "mining.batch_size", "teacher.replicas", "teacher.max_in_flight",
                       "teacher.openai", "teacher.max_attempts", "teacher.start_timeout_s", "teacher.request_timeout_s",
                       "teacher.max_restarts", "synthesis.max_failed_call_fraction", "run.output_dir", "run.seeds",
                       "baselines"}
@@ -113,11 +118,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def check_can_open(path: str | Path, resume: bool) -> None:
-    """Refuse a run dir that --resume/no --resume cannot use, before any expensive work starts."""
-    path = Path(path)
-    has_manifest = (path / "manifest.json").is_file()
+    """Refuse a run dir (path or URI) that --resume/no --resume cannot use, before any expensive work starts."""
+    has_manifest = storage.exists(storage.join(str(path), "manifest.json"))
     if resume and not has_manifest:
-        what = "does not exist" if not path.exists() else "holds no manifest.json (no run was started there)"
+        what = "does not exist" if not storage.exists(str(path)) else "holds no manifest.json (no run was started there)"
         raise RunDirError(f"cannot resume: {path} {what}; drop --resume to start a new run")
     if resume:
         read_manifest(path)  # a corrupt manifest is refused here, before any model loads
@@ -127,12 +131,12 @@ def check_can_open(path: str | Path, resume: bool) -> None:
 
 
 def read_manifest(path: str | Path) -> dict:
-    """A run's manifest.json, checked to be one; errors name the file and what to do."""
-    mpath = Path(path) / "manifest.json"
-    if not mpath.is_file():
-        raise RunDirError(f"{Path(path)}: no manifest.json here; point at a run's run.output_dir")
+    """A run's manifest.json (path or URI), checked to be one; errors name the file and what to do."""
+    mpath = storage.join(str(path), "manifest.json")
+    if not storage.exists(mpath):
+        raise RunDirError(f"{path}: no manifest.json here; point at a run's run.output_dir")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        manifest = json.loads(storage.read_bytes(mpath).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunDirError(f"{mpath} is corrupt ({e}); restore it from a backup or start a new run_dir") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict) \
@@ -142,19 +146,22 @@ def read_manifest(path: str | Path) -> dict:
 
 
 class RunDir:
-    def __init__(self, path: str | Path, config: dict, resume: bool):
-        self.path = Path(path).expanduser().resolve()  # results record paths relative to it
+    def __init__(self, path: str | Path, config: dict, resume: bool, local_dir: str | None = None):
+        self.uri = storage.absolute_output_dir(str(path))
+        self.remote = not storage.is_local(self.uri)  # an object store: work in a local copy, mirror to it
+        # Results record paths relative to `path`, the (local copy of the) run dir.
+        self.path = mirror.working_copy(self.uri, local_dir) if self.remote else Path(path).expanduser().resolve()
         self.manifest_path = self.path / "manifest.json"
         self._lock_fd: int | None = None
         config = redact(config)
         if resume:  # nothing to resume: refused before anything is created
-            check_can_open(self.path, resume)
+            check_can_open(self.uri if self.remote else self.path, resume)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock()  # before the other checks: a second driver learns that the run is in use, and by whom
         try:
-            check_can_open(self.path, resume)
+            check_can_open(self.uri if self.remote else self.path, resume)
             if resume:
-                self.manifest = read_manifest(self.path)
+                self.manifest = read_manifest(self.uri if self.remote else self.path)
                 self._check_same_config(self.manifest["config"], config)
                 self._check_data(config)
             else:
@@ -166,12 +173,14 @@ class RunDir:
             raise
 
     @classmethod
-    def open_existing(cls, path: str | Path) -> RunDir:
+    def open_existing(cls, path: str | Path, local_dir: str | None = None) -> RunDir:
         """A finished or running run, read-only (no lock, no config check): for reports."""
         run = cls.__new__(cls)
-        run.path, run._lock_fd = Path(path), None
+        run.uri, run._lock_fd = storage.absolute_output_dir(str(path)), None
+        run.remote = not storage.is_local(run.uri)
+        run.path = mirror.working_copy(run.uri, local_dir) if run.remote else Path(path)
         run.manifest_path = run.path / "manifest.json"
-        run.manifest = read_manifest(run.path)
+        run.manifest = read_manifest(run.uri if run.remote else run.path)
         return run
 
     # --- one driver at a time ---------------------------------------------------------------------
@@ -187,6 +196,11 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
+
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this object is the run's driver (`open_existing` readers never are)."""
+        return getattr(self, "_lock_fd", None) is not None
 
     def close(self) -> None:
         """Release the run's lock (also released when the process exits)."""
@@ -230,7 +244,24 @@ class RunDir:
                                   f" -> {fp['sha256'][:12]}); restore it or start a new run_dir")
 
     def _save(self) -> None:
-        atomic_write_bytes(self.manifest_path, json.dumps(self.manifest, indent=2, default=str).encode())
+        data = json.dumps(self.manifest, indent=2, default=str).encode()
+        atomic_write_bytes(self.manifest_path, data)
+        if self.remote:  # last: the outputs it records were pushed before
+            storage.write_bytes(storage.join(self.uri, "manifest.json"), data)
+
+    # --- the run's storage (a URI) and its local copy ---------------------------------------------
+    def uri_of(self, rel: str) -> str:
+        """Where workers on any node read or write `rel`: the URI for an object store run, else the path."""
+        return storage.join(self.uri, rel) if self.remote else str(self.abs(rel))
+
+    def push(self, rel: str) -> None:
+        """Copy the local file or folder `rel` to the run's URI (nothing to do for a local run dir)."""
+        if self.remote and self.abs(rel).exists():
+            storage.upload(self.abs(rel), self.uri_of(rel))
+
+    def pull(self, rel: str) -> bool:
+        """Bring `rel` from the run's URI into the local copy (False when the URI has none)."""
+        return self.remote and storage.download(self.uri_of(rel), self.abs(rel))
 
     # --- paths ------------------------------------------------------------------------------------
     def rel(self, path: str | Path) -> str:
@@ -257,6 +288,8 @@ class RunDir:
             return False
         for rel, fp in rec.get("outputs", {}).items():
             why = _unsound(self.abs(rel), fp)
+            if why and self.pull(rel):  # this node's copy lacks it: the run's storage has it
+                why = _unsound(self.abs(rel), fp)
             if why:
                 log.warning("step %s is run again: its output %s %s", step, self.abs(rel), why)
                 del self.manifest["steps"][step]
@@ -270,6 +303,8 @@ class RunDir:
     def finish(self, step: str, result: dict, seconds: float, outputs: list[str] | None = None) -> dict:
         """Record `step` as done, with the size and hash of each output (paths relative to the run dir)."""
         recorded = {self.rel(o): fingerprint(self.abs(o)) for o in outputs or []}
+        for rel in recorded:
+            self.push(rel)
         self.manifest["steps"][step] = {"result": result, "seconds": round(seconds, 2), "finished": time.time(),
                                         "outputs": recorded}
         self._save()
@@ -296,15 +331,18 @@ class RunDir:
         return p
 
     def write_parquet(self, rel: str, table: pa.Table) -> str:
-        return str(write_parquet(self.path / rel, table))
+        out = str(write_parquet(self.path / rel, table))
+        self.push(rel)
+        return out
 
     def write_parquet_once(self, rel: str, make_table) -> str:
         """Write `make_table()` to `rel` unless a sound copy recorded earlier is there already."""
         files = self.manifest.setdefault("files", {})
         p = self.path / rel
-        if rel in files and _unsound(p, files[rel]) is None:
+        if rel in files and (_unsound(p, files[rel]) is None or (self.pull(rel) and _unsound(p, files[rel]) is None)):
             return str(p)
         write_parquet(p, make_table())
+        self.push(rel)
         files[rel] = fingerprint(p)
         self._save()
         return str(p)

@@ -24,12 +24,14 @@ from s3ray.capacity import CapacityPlan, check_capacity
 from s3ray.config import ConfigError, S3Config, StudentConfig
 from s3ray.data.load import DataError, card_labels, load_rows, split_holdout
 from s3ray.mining import mine_errors, read_errors
-from s3ray.models import resolve_student
+from s3ray.models import portable, resolve_student
 from s3ray.pipeline import steps
+from s3ray.pipeline.mirror import CacheSync, sigterm_unwinds
 from s3ray.pipeline.report import write_report
 from s3ray.pipeline.rundir import RunDir
 from s3ray.pipeline.steps import MiningResult, RationalesResult, StepFailed, StudentResult, SynthesisResult
-from s3ray.runtime import init_ray, set_cache_dirs
+from s3ray.runtime import alive_nodes, init_ray, set_cache_dirs
+from s3ray.storage import check_visible_from_all_nodes
 from s3ray.student import evaluate_student, train_student
 from s3ray.synthesis import stream
 from s3ray.synthesis.collect import SynthesisStats, collect_examples, collect_rationales, rows_to_table
@@ -48,6 +50,7 @@ from s3ray.teacher.teacher import make_teacher, teacher_model_path
 
 log = logging.getLogger("s3ray")
 R = TypeVar("R")
+VALIDATION_FILE = "data/validation.parquet"
 
 
 @dataclass
@@ -104,8 +107,8 @@ class StopRun(Exception):
 class StepRecorder:
     """Runs a step unless the manifest says it is done, and records its typed result and time."""
 
-    def __init__(self, run: RunDir, stop_after: str | None = None):
-        self.run, self.stop_after = run, stop_after
+    def __init__(self, run: RunDir, stop_after: str | None = None, after_step: Callable[[], None] | None = None):
+        self.run, self.stop_after, self.after_step = run, stop_after, after_step
 
     def __call__(self, step: steps.Step[R], fn: Callable[..., R], *args) -> R:
         """`fn(*args)`, or the result recorded for `step` by an earlier attempt of this run."""
@@ -117,6 +120,8 @@ class StepRecorder:
         result = fn(*args)
         recorded = dataclasses.asdict(result)
         self.run.finish(step.name, recorded, time.time() - t0, outputs=self.run.outputs_in(recorded))
+        if self.after_step is not None:
+            self.after_step()  # e.g. push the teacher cache to the run's object store
         if self.stop_after == step.name:
             raise StopRun(step.name)
         return result
@@ -150,7 +155,7 @@ class S3Steps:
         self.capacity = capacity or CapacityPlan()  # whether students and mining need the teacher released
         self.task, self.syn, self.seed = inputs.task, cfg.synthesis, cfg.run.seed
         # Real data as Parquet: Ray Data streams validation inference from it.
-        self.val_path = run.write_parquet_once("data/validation.parquet", partial(_real_table, inputs.validation))
+        self.val_path = run.write_parquet_once(VALIDATION_FILE, partial(_real_table, inputs.validation))
         if inputs.test:
             run.write_parquet_once("data/test.parquet", partial(_real_table, inputs.test))
 
@@ -210,8 +215,10 @@ class S3Steps:
         cfg = self.cfg.student.model_copy(update={"epochs": student_epochs(self.cfg.student, len(rows))})
         if self.capacity.release_for_training:  # its GPUs go to the students; the cache answers it back later
             self.teacher.release()
-        res = train_student(rows, val_rows, self.task, cfg, self.inputs.student_path,
-                            self.run.path / "students" / name, seed=self.seed, desc=f"student {name}")
+        rel = f"students/{name}"
+        res = train_student(rows, val_rows, self.task, cfg, self.inputs.student_path, self.run.path / rel,
+                            seed=self.seed, desc=f"student {name}",
+                            storage_uri=self.run.uri_of(rel) if self.run.remote else None)
         test = None
         if self.inputs.test:
             test = evaluate_student(res.checkpoint, self.inputs.test, self.task, cfg).metrics
@@ -223,9 +230,12 @@ class S3Steps:
     def mine_errors(self, student: StudentResult, round_: int) -> MiningResult:
         if self.capacity.release_for_mining:
             self.teacher.release()
-        res = mine_errors(str(self.run.abs(student.checkpoint)), self.val_path, self.task, self.cfg.student,
-                          self.cfg.mining, self.run.path / "mining" / f"round{round_}")
-        return MiningResult(errors_path=self.run.rel(res.errors_path), n_rows=res.n_rows, n_errors=res.n_errors,
+        # Workers on any node read the checkpoint and validation rows and write their parts via the run storage.
+        rel = f"mining/round{round_}"
+        res = mine_errors(self.run.uri_of(student.checkpoint), self.run.uri_of(VALIDATION_FILE), self.task,
+                          self.cfg.student, self.cfg.mining, self.run.uri_of(rel), resources=self.cfg.student.resources)
+        self.run.pull(f"{rel}/errors")  # the driver's copy, which the manifest records
+        return MiningResult(errors_path=f"{rel}/errors", n_rows=res.n_rows, n_errors=res.n_errors,
                             n_hard=res.n_hard, metrics=res.metrics)
 
     # Step 5
@@ -295,22 +305,43 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
         except ValueError as e:
             raise ConfigError(f"--stop-after: {e}") from None
     inputs = inputs or prepare_inputs(cfg)
-    run = RunDir(cfg.run.output_dir, cfg.model_dump(mode="json"), resume)
+    run = RunDir(cfg.run.output_dir, cfg.model_dump(mode="json"), resume, local_dir=cfg.run.local_dir)
     set_cache_dirs(run.path / "cache")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     capacity = check_capacity(cfg)  # before any generation (`s3ray run` checks a remote cluster earlier)
+    node_teacher, inputs = _models_for_every_node(cfg, inputs, run)
+    cache_path = run.path / "teacher_cache.sqlite"
+    sync = CacheSync(cache_path, run.uri_of("teacher_cache.sqlite")) if run.remote else None
     # The backend starts at the first request the generation cache can't answer.
-    teacher = make_teacher(cfg.teacher, inputs.teacher_path, run_seed=cfg.run.seed,
-                           cache_path=run.path / "teacher_cache.sqlite", model_name=cfg.teacher.model)
+    teacher = make_teacher(cfg.teacher, inputs.teacher_path, run_seed=cfg.run.seed, cache_path=cache_path,
+                           model_name=cfg.teacher.model, node_model_path=node_teacher)
     try:
-        _run_steps(S3Steps(cfg, inputs, run, teacher, capacity), StepRecorder(run, stop_after))
+        with sigterm_unwinds():  # `ray job stop`: the finally below still pushes the cache
+            _run_steps(S3Steps(cfg, inputs, run, teacher, capacity), StepRecorder(run, stop_after, sync and sync.push))
     except StopRun as stop:
         log.info("stopped after %s as asked; continue with --resume", stop)
     finally:
+        if sync is not None:
+            sync.stop()  # first: a stopped job may have seconds before it is killed
         teacher.close()
     report = write_report(run)
     run.close()  # on an error, the lock goes with the RunDir object (or the process)
     return report
+
+
+def _models_for_every_node(cfg: S3Config, inputs: RunInputs, run: RunDir) -> tuple[str, RunInputs]:
+    """What replicas and workers load, whichever node they run on: embedded models by name, local folders
+    staged under the run storage when it is an object store or the cluster has several nodes. Before any
+    generation, a multi-node run also proves every node sees its storage (storage.StorageError if not)."""
+    multi = len(alive_nodes()) > 1
+    if multi:  # as written: `~/runs/x` is each node's own home
+        check_visible_from_all_nodes(cfg.run.output_dir)
+    stage = run.remote or multi
+    teacher = inputs.teacher_path
+    if cfg.teacher.engine != "openai":
+        teacher = portable(cfg.teacher.model, inputs.teacher_path, run.uri, stage)
+    student = portable(cfg.student.model, inputs.student_path, run.uri, stage)
+    return teacher, dataclasses.replace(inputs, student_path=student)
 
 
 def _run_steps(s3: S3Steps, step: StepRecorder) -> None:

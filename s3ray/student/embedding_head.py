@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from s3ray.config import StudentConfig
+from s3ray.models import on_this_node
 from s3ray.student.checkpoint import HEAD_FILE, write_meta
 from s3ray.student.epochs import best_epoch_loop
 from s3ray.student.features import encode_texts
@@ -61,6 +62,7 @@ def fit_embedding_head(
     torch.manual_seed(seed)
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     labels_head = task.student_head()
+    model_path = on_this_node(model_path)  # embedded or staged weights: this node's copy
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     encoder = AutoModel.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code).to(device).eval()
     head = torch.nn.Linear(encoder.config.hidden_size, len(labels_head.labels))

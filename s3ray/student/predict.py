@@ -153,7 +153,11 @@ class StudentPredictor:
 
     def __init__(self, checkpoint: str, batch_size: int = 64, device: str | None = None, task=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.tokenizer, self.meta, self.task = load_student(checkpoint, self.device, task)
+        from s3ray.models import loaded_from
+
+        # A checkpoint in object storage: a fresh copy for this actor, deleted once loaded.
+        with loaded_from(str(checkpoint)) as local:
+            self.model, self.tokenizer, self.meta, self.task = load_student(local, self.device, task)
         self.head = self.task.student_head()
         self.batch_size = batch_size
         self.max_length = int(self.meta["max_length"])

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 from s3ray import storage
 from s3ray.capacity import describe_nodes, place, shape, worker_cpus, worker_unit
 from s3ray.config import StudentConfig
+from s3ray.models import on_this_node
 from s3ray.runtime import init_ray, local_cores, node_resources
 from s3ray.student.embedding_head import fit_embedding_head
 from s3ray.student.predict import StudentPredictor
@@ -122,9 +123,13 @@ def train_student(
     out_dir: str | Path,
     seed: int,
     desc: str = "student",
+    storage_uri: str | None = None,
 ) -> TrainResult:
     """Fine-tune `model_path` on train_rows (Ray Train, cfg.num_workers workers), pick the best epoch on
-    val_rows by task.primary_metric, and return where its checkpoint is (out_dir/checkpoint)."""
+    val_rows by task.primary_metric, and return where its checkpoint is (out_dir/checkpoint, local).
+
+    `storage_uri` (an object store folder every node sees): workers write Ray Train's checkpoints there, not
+    to `out_dir` on their own node (Ray Train V2 refuses node-local storage on several nodes)."""
     _check_cfg(cfg, task)
     train_rows = task.check_student_rows(train_rows, f"{desc} training rows")
     val_rows = task.check_student_rows(val_rows, f"{desc} validation rows")
@@ -132,11 +137,20 @@ def train_student(
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.kind == "embedding_head":
-        return _train_embedding_head(train_rows, val_rows, task, cfg, model_path, out_dir, seed, desc)
-    return _train_ray(train_rows, val_rows, task, cfg, model_path, out_dir, seed, desc)
+        return _train_embedding_head(train_rows, val_rows, task, cfg, model_path, out_dir, seed, desc, storage_uri)
+    return _train_ray(train_rows, val_rows, task, cfg, model_path, out_dir, seed, desc, storage_uri)
 
 
-def _fit(train_config: dict, cfg: StudentConfig, threads: int, out_dir: Path, desc: str):
+def _ray_storage(out_dir: Path, storage_uri: str | None) -> dict:
+    """RunConfig storage arguments: the run's object store folder, else `out_dir` on this (shared) disk."""
+    if storage_uri is None:
+        return {"storage_path": str(out_dir / "ray_train")}
+    fs, path = storage.resolve(storage.join(storage_uri, "ray_train"))
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def _fit(train_config: dict, cfg: StudentConfig, threads: int, out_dir: Path, desc: str,
+         storage_uri: str | None = None):
     """Run Ray Train's TorchTrainer over worker.train_loop; its Result, or a clear error."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig  # lazily, see the module docstring
     from ray.train.torch import TorchTrainer
@@ -149,11 +163,11 @@ def _fit(train_config: dict, cfg: StudentConfig, threads: int, out_dir: Path, de
         train_loop,
         train_loop_config=train_config,
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": threads}
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": threads, **cfg.resources}
         ),
         run_config=RunConfig(
             name=_run_name(desc),
-            storage_path=str(out_dir / "ray_train"),
+            **_ray_storage(out_dir, storage_uri),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
@@ -165,11 +179,12 @@ def _fit(train_config: dict, cfg: StudentConfig, threads: int, out_dir: Path, de
     return result
 
 
-def _train_ray(train_rows, val_rows, task: Task, cfg: StudentConfig, model_path, out_dir: Path, seed, desc):
+def _train_ray(train_rows, val_rows, task: Task, cfg: StudentConfig, model_path, out_dir: Path, seed, desc,
+               storage_uri=None):
     import ray  # lazily, see the module docstring
 
     t_start, t_start_unix = time.perf_counter(), time.time()
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(on_this_node(model_path), trust_remote_code=cfg.trust_remote_code)
     features = task.student_head().features(tokenizer, train_rows, cfg.max_length)
     threads = _cluster_worker_cpus(cfg, cfg.num_workers)
     train_config = {"cfg": cfg.model_dump(), "task": task, "model_path": str(model_path), "seed": seed,
@@ -178,7 +193,7 @@ def _train_ray(train_rows, val_rows, task: Task, cfg: StudentConfig, model_path,
     log.info("%s: training on %d rows (%d features), %d worker(s) x %d CPU, %s", desc, len(train_rows),
              len(features), cfg.num_workers, threads, cfg.strategy)
     t_fit = time.time()
-    result = _fit(train_config, cfg, threads, out_dir, desc)
+    result = _fit(train_config, cfg, threads, out_dir, desc, storage_uri)
     t_fitted = time.time()
     m = result.metrics
     history, best_epoch = json.loads(m["history_json"]), int(m["best_epoch"])
@@ -210,15 +225,35 @@ def _train_ray(train_rows, val_rows, task: Task, cfg: StudentConfig, model_path,
     )
 
 
-def _train_embedding_head(train_rows, val_rows, task, cfg, model_path, out_dir: Path, seed, desc) -> TrainResult:
+def _fit_and_upload(*args, storage_uri: str | None = None) -> dict:
+    """In the Ray task: fit the head; with `storage_uri`, its checkpoint goes there (the task's node may not
+    be the driver's)."""
+    if storage_uri is None:
+        return fit_embedding_head(*args)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="s3ray-head-") as tmp:
+        args = list(args)
+        args[5] = str(Path(tmp) / "checkpoint")  # dest
+        out = fit_embedding_head(*args)
+        storage.delete_dir(storage.join(storage_uri, "checkpoint"))
+        storage.upload_dir(args[5], storage.join(storage_uri, "checkpoint"))
+    return out
+
+
+def _train_embedding_head(train_rows, val_rows, task, cfg, model_path, out_dir: Path, seed, desc,
+                          storage_uri=None) -> TrainResult:
     import ray  # lazily, see the module docstring
 
     t0 = time.perf_counter()
     threads = _cluster_worker_cpus(cfg, 1)
-    remote = ray.remote(num_cpus=threads, num_gpus=1 if cfg.use_gpu else 0)(fit_embedding_head)
+    remote = ray.remote(num_cpus=threads, num_gpus=1 if cfg.use_gpu else 0, resources=cfg.resources or None)(
+        _fit_and_upload)
     dest = out_dir / "checkpoint"
     out = ray.get(remote.remote(train_rows, val_rows, task, cfg.model_dump(), str(model_path), str(dest), seed,
-                                desc, threads))
+                                desc, threads, storage_uri=storage_uri))
+    if storage_uri is not None:
+        storage.download(storage.join(storage_uri, "checkpoint"), dest)
     train_seconds = out["embed_seconds"] + out["head_seconds"]
     return TrainResult(
         checkpoint=str(dest),

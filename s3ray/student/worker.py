@@ -73,9 +73,12 @@ def _setup(config: dict):
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     data = ray.get(config["data_ref"])
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"], trust_remote_code=cfg.trust_remote_code)
+    from s3ray.models import on_this_node
+
+    model_path = on_this_node(config["model_path"])  # embedded or staged weights: this node's copy
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     torch.manual_seed(config["seed"])  # the new head's initial weights
-    model = head.build(config["model_path"], cfg.trust_remote_code)
+    model = head.build(model_path, cfg.trust_remote_code)
     loader, sampler = make_loader(data["features"], tokenizer, cfg.batch_size, config["seed"], rank, world)
     opt, sched_fn = make_optimizer(model, cfg, len(loader) * cfg.epochs)
     strategy = STRATEGIES[cfg.strategy](model, loader, opt, sched_fn, cfg, world, get_device())

@@ -36,6 +36,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from s3ray.capacity import describe_nodes, merged, replica_bundles, replica_too_big, shape, teacher_uses_gpu
 from s3ray.config import TeacherConfig
+from s3ray.models import on_this_node
 from s3ray.runtime import init_ray, node_resources, set_cache_dirs
 from s3ray.teacher.backends import Faults, OnChunk, chunk_size_of
 from s3ray.teacher.cpu import engine_env
@@ -56,6 +57,7 @@ class _Replica:
             # theirs from the placement group bundles and must not inherit the empty mask.
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         set_cache_dirs(os.environ.get("S3RAY_CACHE", Path.home() / ".cache" / "s3ray"))
+        model_path = on_this_node(model_path)  # embedded or staged weights: this node's own copy
         self.index = index
         self.engine = make_engine(TeacherConfig.model_validate_json(cfg_json), model_path, engine_seed,
                                   **engine_kwargs)

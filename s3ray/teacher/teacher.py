@@ -237,10 +237,12 @@ class Teacher:
 
 
 def make_teacher(cfg: TeacherConfig, model_path: str, run_seed: int, cache_path: str | Path | None = None,
-                 model_name: str | None = None, backend: str | None = None) -> Teacher:
+                 model_name: str | None = None, backend: str | None = None,
+                 node_model_path: str | None = None) -> Teacher:
     """A `Teacher` for `cfg`. `backend`: "ray" (replicas on Ray; the default for vllm/transformers), "local"
     (the engine in this process) or "http" (the default, and only choice, for engine openai). Nothing starts
-    until the first request the cache can't answer."""
+    until the first request the cache can't answer. `node_model_path`: what Ray replicas load instead of
+    `model_path` (an embedded model's name, or weights staged in the run storage; models.on_this_node)."""
     backend = backend or ("http" if cfg.engine == "openai" else "ray")
     if (backend == "http") != (cfg.engine == "openai"):
         raise ValueError(f"backend {backend!r} does not run teacher.engine={cfg.engine!r}: "
@@ -255,7 +257,7 @@ def make_teacher(cfg: TeacherConfig, model_path: str, run_seed: int, cache_path:
         def factory() -> Backend:
             from s3ray.teacher.ray_pool import RayReplicaPool  # imports Ray: only when replicas start
 
-            return RayReplicaPool(cfg, model_path, run_seed)
+            return RayReplicaPool(cfg, node_model_path or model_path, run_seed)
     else:
         raise ValueError(f"backend {backend!r}: use ray, local or http")
     return Teacher(cfg, factory, name, model_identity(cfg, name, model_path), cache_path,
