@@ -228,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     meta = {"machine": machine(), "command": "python scripts/finetune_experiment.py " + " ".join(argv or sys.argv[1:]),
             "sizes": size_overrides(args)}
+    if args.collect:  # the arms ran in other invocations; their own commands and step times are in the tables
+        meta["command"] += " (only collects finished arms; each arm's command and step times are below)"
     old = json.loads(doc.with_suffix(".json").read_text())["results"] if doc.with_suffix(".json").is_file() else {}
-    results: dict = {t: dict(old.get(t, {})) for t in tasks}
+    results: dict = {**old, **{t: dict(old.get(t, {})) for t in tasks}}  # other tasks kept as reported
     failed = False
     for task in tasks:
         for arm in RUN_ORDER:
