@@ -138,11 +138,12 @@ def scenario(tmp_path_factory):
         cluster.kill_node(out["replica_node_before"])
         state = jobs.wait("a", 900, until=lambda: "== round0/train" in jobs.logs("a"))
         out["a_state_before_stop"] = state
+        # Where each replica ran, while it still runs (the pool stays up while the student trains).
+        out["pid_nodes"] = {pid: cluster.node_of(pid) for _, pid in _calls(call_log)}
         jobs.ray("stop", "a", timeout=60)
         out["a_state"] = jobs.wait("a", 60)
         out["a_logs"] = jobs.logs("a")
         out["a_calls"] = _calls(call_log)
-        out["pid_nodes"] = {pid: cluster.node_of(pid) for _, pid in out["a_calls"]}
 
         shutil.rmtree(cluster.root / "h" / "s3ray" / "runs", ignore_errors=True)  # "another head"
         jobs.submit("b", cfg)
