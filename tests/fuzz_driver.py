@@ -179,6 +179,7 @@ def fuzz(config: Path, run_dir: Path, work: Path, durations: dict[str, float], s
     phases = list(durations)
     used = dict.fromkeys(phases, 0)
     fastest = dict(durations)
+    speed: list[float] = []  # observed / reference duration of each phase that ran through
     quotas: dict[str, int] = {}
     kills: list[Kill] = []
     start_timeouts: list[int] = []
@@ -203,7 +204,10 @@ def fuzz(config: Path, run_dir: Path, work: Path, durations: dict[str, float], s
                 return None
             # Within the phase's shortest duration seen so far (a less loaded machine runs faster than the
             # reference did), early enough that most kills land inside it.
-            return since + rng.uniform(0.02, 0.6) * fastest.get(name, 5.0)
+            # A phase runs through only once (then it is skipped), so its reference duration is scaled by how much
+            # faster than the reference this machine now runs (load falls as other jobs end): observed / reference
+            # over every phase that ran through, at most 1.
+            return since + rng.uniform(0.02, 0.6) * fastest.get(name, 5.0) * min([1.0, *speed])
 
         phase_t0 = t0
         kill_at = plan(phase, phase_t0)
@@ -211,7 +215,10 @@ def fuzz(config: Path, run_dir: Path, work: Path, durations: dict[str, float], s
             started = step_starts(log_path.read_text(errors="replace"))
             if len(started) > n_seen:
                 now = time.monotonic()
-                fastest[phase] = min(fastest.get(phase, math.inf), now - phase_t0)  # it ran through
+                took = now - phase_t0  # it ran through
+                if phase in durations and durations[phase] > 5.0:  # long enough to say something about speed
+                    speed.append(took / durations[phase])
+                fastest[phase] = min(fastest.get(phase, math.inf), took)
                 n_seen, phase, phase_t0 = len(started), started[-1], now
                 kill_at = plan(phase, phase_t0)
             if kill_at is not None and time.monotonic() >= kill_at:
