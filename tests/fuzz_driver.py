@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -205,9 +206,10 @@ def fuzz(config: Path, run_dir: Path, work: Path, durations: dict[str, float], s
             # Within the phase's shortest duration seen so far (a less loaded machine runs faster than the
             # reference did), early enough that most kills land inside it.
             # A phase runs through only once (then it is skipped), so its reference duration is scaled by how much
-            # faster than the reference this machine now runs (load falls as other jobs end): observed / reference
-            # over every phase that ran through, at most 1.
-            return since + rng.uniform(0.02, 0.6) * fastest.get(name, 5.0) * min([1.0, *speed])
+            # faster than the reference this machine now runs (load falls as other jobs end): the median of
+            # observed / reference over the phases that ran through, at most 1.
+            scale = min(1.0, statistics.median(speed)) if speed else 1.0
+            return since + rng.uniform(0.02, 0.6) * fastest.get(name, 5.0) * scale
 
         phase_t0 = t0
         kill_at = plan(phase, phase_t0)
