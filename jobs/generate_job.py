@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from s3ray import storage
 from s3ray.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,11 +34,11 @@ def run_job(argv: list[str]) -> int:
     cfg = checked_config(["generate", *argv], in_job)
     if cfg is None:
         return 2
-    state = Path(cfg.run.output_dir).expanduser() / "corpus_state" / "state.json"
-    rc = main(job_argv(argv, in_job, state.is_file))
-    out = Path(cfg.run.output_dir) / "corpus"
+    root = storage.absolute_output_dir(cfg.run.output_dir)  # a path, or an object store URI
+    rc = main(job_argv(argv, in_job, lambda: storage.exists(storage.join(root, "corpus_state/state.json"))))
+    out = storage.join(root, "corpus")
     if rc == 0:
-        print(f"s3ray generate job done; corpus: {out} (card: {out.parent / 'corpus_card.json'})")
+        print(f"s3ray generate job done; corpus: {out} (card: {storage.join(root, 'corpus_card.json')})")
     else:
         print(f"s3ray generate job failed (exit {rc}); finished shards are kept in {out}: resubmit to continue",
               file=sys.stderr)

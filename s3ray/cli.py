@@ -102,6 +102,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    from s3ray import storage
     from s3ray.config import load_config
     from s3ray.pipeline.s3 import prepare_inputs
     from s3ray.synthesis.corpus import generate_corpus
@@ -112,8 +113,9 @@ def _cmd_generate(args) -> int:
     _check_cluster(cfg, students=False, backend=args.backend)
     inputs = prepare_inputs(cfg)  # data and models are checked before anything expensive starts
     card = generate_corpus(cfg, inputs, resume=args.resume, backend=args.backend)
-    out = Path(cfg.run.output_dir) / "corpus"
-    print(f"corpus: {card['rows']} rows in {card['shards']} shard(s) under {out} (card: {out.parent / 'corpus_card.json'})")
+    out = storage.absolute_output_dir(cfg.run.output_dir)
+    print(f"corpus: {card['rows']} rows in {card['shards']} shard(s) under {storage.join(out, 'corpus')} "
+          f"(card: {storage.join(out, 'corpus_card.json')})")
     print(f"dropped: {card['dropped'] or 'none'}")
     return 0
 

@@ -88,11 +88,15 @@ def quiet_state_api_warnings() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-# Driver variables every job process needs: where caches live, offline mode, and how to reach run storage.
+# Driver variables every job process needs: offline mode, engine settings, and how to reach run storage.
 _JOB_ENV_VARS = (
-    "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "S3RAY_CACHE", "HF_HUB_OFFLINE",
-    "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM", "S3RAY_ENGINE_CALL_LOG", *STORAGE_ENV_VARS,
+    "HF_HUB_OFFLINE", "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM", "S3RAY_ENGINE_CALL_LOG",
+    *STORAGE_ENV_VARS,
 )
+# Cache folders are paths on the driver's disk: passed on only to a cluster this process starts (one machine).
+# On a cluster it joins, each node keeps its own (set where its `ray start` runs), as another node may not
+# have, or may not be allowed to write, the driver's home.
+_NODE_LOCAL_VARS = ("VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "S3RAY_CACHE")
 # Set by `ray job submit` in the entrypoint's environment: the submitter's --runtime-env(-json).
 _JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -113,12 +117,18 @@ def without_job_conflicts(ours: dict, job: dict) -> dict:
     return out
 
 
+def job_env_vars(joining: bool) -> dict[str, str]:
+    """The driver's variables that every job process gets; node-local cache paths only on a cluster this
+    process starts itself."""
+    forwarded = _JOB_ENV_VARS if joining else _JOB_ENV_VARS + _NODE_LOCAL_VARS
+    return {k: os.environ[k] for k in forwarded if k in os.environ}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     """Join `address` when given, else start a local cluster. Idempotent."""
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in _JOB_ENV_VARS if k in os.environ}
-    kwargs: dict = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    kwargs: dict = {"runtime_env": {"env_vars": job_env_vars(joining=bool(address))}, "log_to_driver": True}
     if address:
         log.info("joining Ray cluster at %s", address)
         kwargs["runtime_env"] = without_job_conflicts(kwargs["runtime_env"], submitted_runtime_env())

@@ -168,11 +168,25 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def size(uri: str) -> int | None:
+    """The size in bytes of the file at `uri` (None when there is none)."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
 def list_dir(uri: str, recursive: bool = False) -> list[str]:
     """Paths below `uri`, relative to it, sorted ([] when it does not exist)."""
     fs, path = resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
     return sorted(i.path[len(path):].lstrip("/") for i in infos)
+
+
+def delete(uri: str) -> None:
+    """Delete the file at `uri` (nothing to do when there is none)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
 
 
 def delete_dir(uri: str) -> None:

@@ -156,6 +156,53 @@ def test_corpus_dedup_drops_planted_duplicates_across_shards(tmp_path, ray_local
     assert got == {"seed/130": EXACT, "seed/131": NEAR, "seed/260": EXACT}
 
 
+@pytest.mark.slow
+def test_an_object_store_corpus_resumes_on_another_machine_from_the_uri_alone(tmp_path, tiny_teacher_dir,
+                                                                              ray_local, monkeypatch):
+    """run.output_dir = an object store URI (fsspec's in-memory one here): the corpus is built in a local
+    working copy and every shard, the state and the generation cache go to the URI. A driver stopped after
+    its first shard, and another driver with an empty disk that resumes from the URI, give the same corpus as
+    one local run, and the second driver asks the teacher for nothing the first had finished."""
+    import uuid
+
+    from s3ray import storage
+    from s3ray.config import load_config
+    from s3ray.pipeline.s3 import prepare_inputs
+    from s3ray.synthesis import shards
+    from s3ray.synthesis.corpus import generate_corpus
+
+    rows, shard = 150, 64
+    ref = load_config(_config(tmp_path, tiny_teacher_dir, "ref", rows, shard))
+    generate_corpus(ref, prepare_inputs(ref), backend="local")
+    uri = f"memory://s3ray-corpus/{uuid.uuid4().hex}/run"
+
+    def on(machine: str):
+        return load_config(_config(tmp_path, tiny_teacher_dir, "obj", rows, shard),
+                           [f"run.output_dir={uri}", f"run.local_dir={tmp_path / machine}"])
+
+    write_shard = shards.CorpusState.write_shard
+
+    def stop_after_the_first(state, i, table, record):
+        write_shard(state, i, table, record)
+        raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(shards.CorpusState, "write_shard", stop_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        generate_corpus(on("a"), prepare_inputs(on("a")), backend="local")
+    monkeypatch.setattr(shards.CorpusState, "write_shard", write_shard)
+    first = {r["id"] for r in storage.read_parquet(storage.join(uri, "corpus", shards.shard_name(0))).to_pylist()}
+    assert first and storage.exists(storage.join(uri, "teacher_cache.sqlite"))
+
+    calls = tmp_path / "calls_b.log"
+    monkeypatch.setenv("S3RAY_ENGINE_CALL_LOG", str(calls))
+    card = generate_corpus(on("b"), prepare_inputs(on("b")), resume=True, backend="local")
+    assert not first & set(_lines(calls)) and _lines(calls)  # shard 0's calls came from the pulled cache
+    got = sorted((r for f in card["files"] for r in storage.read_parquet(storage.join(uri, "corpus", f)).to_pylist()),
+                 key=lambda r: r["id"])
+    assert [(r["id"], r["text"]) for r in got] == [(r["id"], r["text"]) for r in _corpus(tmp_path / "ref")]
+    assert len(got) == rows and storage.exists(storage.join(uri, "corpus_card.json"))
+
+
 def test_generate_iter_streams_in_order_and_caches_whole_chunks(tmp_path, tiny_teacher_dir, monkeypatch):
     from s3ray.config import TeacherConfig
     from s3ray.teacher.teacher import make_teacher

@@ -155,6 +155,8 @@ def scenario(tmp_path_factory):
             out["manifest"] = json.loads(storage.read_bytes(storage.join(RUN_URI, "manifest.json")))
             out["final"] = storage.read_parquet(storage.join(RUN_URI, "final/train.parquet"))
             out["s3_files"] = storage.list_dir(RUN_URI, recursive=True)
+        # Which nodes downloaded a staged model into their *own* cache (each node's S3RAY_CACHE).
+        out["staged_on"] = {n for n in ("h", "t", "t2", "s") if any((cluster.root / n / "s3ray" / "staged").glob("*"))}
         yield out
     finally:
         for k, v in saved.items():
@@ -208,6 +210,14 @@ def test_the_report_read_from_s3_has_every_student_and_every_row_once(scenario):
     files = scenario["s3_files"]
     assert "students/round1/checkpoint/s3ray_student.json" in files
     assert any(f.startswith("models/") for f in files) and "teacher_cache.sqlite" in files
+    assert not [f for f in files if "/ray_train/" in f]  # Ray Train's second copy of each checkpoint is dropped
+
+
+def test_each_node_stages_the_models_in_its_own_cache(scenario):
+    """The teacher and student nodes each downloaded the staged models into their own cache folder, not into
+    the driver's (the head's), whose path another machine may not have."""
+    staged = scenario["staged_on"]
+    assert "s" in staged and staged & {"t", "t2"}, staged
 
 
 def test_nothing_is_left_running(scenario):

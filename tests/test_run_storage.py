@@ -96,6 +96,41 @@ def test_the_teacher_cache_travels_with_the_run_and_merges_with_a_local_one(uri,
         assert len(c) == 3
 
 
+def _rows(path) -> int:
+    with GenerationCache(path) as c:
+        return len(c)
+
+
+def test_cache_pushes_after_the_first_send_only_new_rows_and_are_compacted(uri, tmp_path, monkeypatch):
+    """At corpus scale the cache is GBs: after one whole upload per process, a push sends only the rows added
+    since the last one (a segment); every MAX_SEGMENTS pushes a new whole copy replaces the segments."""
+    monkeypatch.setattr(mirror, "MAX_SEGMENTS", 2)
+    remote, local = storage.join(uri, "teacher_cache.sqlite"), tmp_path / "l.sqlite"
+    parts = f"{remote}.parts"
+    _cache(local, [1, 2])
+    sync = mirror.CacheSync(local, remote, interval_s=3600)
+    sync.push()  # the process's first push: whole
+    sync.push()  # nothing new: nothing sent
+    assert storage.exists(remote) and storage.list_dir(parts) == []
+    _cache(local, [3])
+    sync.push()
+    (seg,) = storage.list_dir(parts)
+    assert storage.download(storage.join(parts, seg), tmp_path / "seg.sqlite")
+    assert _rows(tmp_path / "seg.sqlite") == 1  # only the new row travelled
+    _cache(local, [4])
+    sync.push()
+    assert len(storage.list_dir(parts)) == 2
+    mirror.pull_cache(remote, tmp_path / "fresh.sqlite")  # base + segments
+    assert _rows(tmp_path / "fresh.sqlite") == 4
+    _cache(local, [5])
+    sync.stop()  # a third segment would pass MAX_SEGMENTS: a whole copy instead, segments deleted
+    assert storage.list_dir(parts) == []
+    mirror.pull_cache(remote, tmp_path / "fresh2.sqlite")
+    assert _rows(tmp_path / "fresh2.sqlite") == 5
+    mirror.pull_cache(remote, tmp_path / "fresh.sqlite")  # merging again adds nothing twice
+    assert _rows(tmp_path / "fresh.sqlite") == 5
+
+
 def test_a_local_model_folder_is_staged_once_and_resolved_on_each_node(uri, tmp_path, monkeypatch):
     folder = tmp_path / "tiny"
     folder.mkdir()

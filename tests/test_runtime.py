@@ -47,6 +47,23 @@ def test_the_submitted_runtime_env_wins_over_the_drivers_copied_variables(monkey
     assert without_job_conflicts(ours, submitted_runtime_env()) == ours
 
 
+def test_a_joined_cluster_gets_no_driver_cache_paths(monkeypatch):
+    """Cache folders are paths on the driver's disk: a cluster the driver starts (one machine) shares them,
+    but on a cluster it joins every node keeps its own, so a replica on another node never writes under
+    the head's home."""
+    from s3ray.runtime import job_env_vars
+
+    monkeypatch.setenv("S3RAY_CACHE", "/head/cache")
+    monkeypatch.setenv("VLLM_CACHE_ROOT", "/head/vllm")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    joined = job_env_vars(joining=True)
+    assert "S3RAY_CACHE" not in joined and "VLLM_CACHE_ROOT" not in joined
+    assert joined["HF_HUB_OFFLINE"] == "1" and joined["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    started = job_env_vars(joining=False)
+    assert started["S3RAY_CACHE"] == "/head/cache" and started["VLLM_CACHE_ROOT"] == "/head/vllm"
+
+
 def test_node_resources_report_what_is_free_on_each_node(ray_local):
     import time
 

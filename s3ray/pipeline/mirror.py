@@ -36,63 +36,116 @@ def working_copy(uri: str, local_dir: str | None = None) -> Path:
 
 
 # --- the teacher's generation cache ---------------------------------------------------------------------
+# On the URI: `<uri>` is a whole snapshot (the base) and `<uri>.parts/seg-N.sqlite` hold the rows added after
+# it, one file per push, so a push costs what was generated since the last one, not the whole cache (GBs at
+# corpus scale). Every MAX_SEGMENTS pushes, or first thing in a process, a new base replaces them.
+MAX_SEGMENTS = 32
 
-def push_cache(local: Path, uri: str) -> int:
-    """Upload a consistent snapshot of the SQLite cache at `local` (SQLite's online backup, so a writer in
-    this process may go on); returns the rows it holds (0, and nothing uploaded, when there is no cache)."""
+
+def _segments(uri: str) -> str:
+    return f"{uri}.parts"
+
+
+def _max_rowid(db: sqlite3.Connection, schema: str = "main") -> int:
+    try:
+        return int(db.execute(f"SELECT COALESCE(MAX(rowid), 0) FROM {schema}.generations").fetchone()[0])
+    except sqlite3.OperationalError:  # no table yet: nothing was ever cached
+        return 0
+
+
+def _write_snapshot(local: Path, dest: Path, after_rowid: int) -> int:
+    """Copy the rows of the cache at `local` with rowid > `after_rowid` (all of it for 0: SQLite's online
+    backup, so a writer in this process may go on) into the new file `dest`; the highest rowid copied."""
+    if after_rowid == 0:
+        src, dst = sqlite3.connect(f"file:{local}?mode=ro", uri=True), sqlite3.connect(str(dest))
+        try:
+            src.backup(dst)
+            return _max_rowid(dst)
+        finally:
+            dst.close()
+            src.close()
+    db = sqlite3.connect(str(dest))
+    try:
+        db.execute("ATTACH DATABASE ? AS src", (f"file:{local}?mode=ro",))
+        with db:  # one read transaction: the highest rowid and the rows copied agree
+            top = _max_rowid(db, "src")
+            db.execute("CREATE TABLE generations AS SELECT * FROM src.generations WHERE rowid > ? AND rowid <= ?",
+                       (after_rowid, top))
+        return top
+    finally:
+        db.close()
+
+
+def push_cache(local: Path, uri: str, after_rowid: int = 0) -> int:
+    """Upload the cache at `local`: whole to `uri` (after_rowid 0), else the rows added after `after_rowid` as
+    a new segment beside it. Returns the highest rowid now on the URI (0, nothing uploaded: no cache)."""
     if not local.is_file():
         return 0
     snap = Path(tempfile.mkdtemp(prefix="s3ray-cache-")) / "snapshot.sqlite"
     try:
-        src = sqlite3.connect(f"file:{local}?mode=ro", uri=True)
-        dst = sqlite3.connect(str(snap))
-        try:
-            src.backup(dst)
-            rows = int(dst.execute("SELECT COUNT(*) FROM generations").fetchone()[0])
-        except sqlite3.OperationalError:  # no table yet: nothing was ever cached
-            return 0
-        finally:
-            dst.close()
-            src.close()
-        storage.upload(snap, uri)
-        return rows
+        top = _write_snapshot(local, snap, after_rowid)
+        if top <= after_rowid:
+            return after_rowid
+        if after_rowid:
+            storage.upload(snap, storage.join(_segments(uri), f"seg-{top:012d}.sqlite"))
+        else:
+            old = storage.list_dir(_segments(uri))
+            storage.upload(snap, uri)
+            for name in old:  # the new base holds their rows; a crash before this only leaves duplicates
+                storage.delete(storage.join(_segments(uri), name))
+        return top
     finally:
         snap.unlink(missing_ok=True)
         snap.parent.rmdir()
 
 
+def _merge_into(local: Path, other: Path) -> None:
+    db = sqlite3.connect(str(local))
+    try:
+        with db:
+            db.execute("ATTACH DATABASE ? AS other", (str(other),))
+            db.execute("INSERT OR IGNORE INTO generations SELECT * FROM other.generations")
+        db.execute("DETACH DATABASE other")
+    finally:
+        db.close()
+
+
 def pull_cache(uri: str, local: Path) -> None:
-    """Bring the cache at `uri` into `local`: download it when there is no local one, else add its rows
-    (a local cache may hold calls made after the last push; the remote one calls made on another head)."""
+    """Bring the cache at `uri` (base and segments) into `local`: the base is downloaded when there is no local
+    cache, else its rows are added (a local cache may hold calls made after the last push; the remote one
+    calls made on another head)."""
+    segments = storage.list_dir(_segments(uri))
     if not local.exists():
         if storage.download(uri, local):
             log.info("teacher cache: restored from %s", uri)
-        return
+    else:
+        _pull_one(uri, local)
+    for name in segments:
+        _pull_one(storage.join(_segments(uri), name), local)
+
+
+def _pull_one(uri: str, local: Path) -> None:
+    from s3ray.teacher.cache import GenerationCache
+
     tmp = local.with_name(f".{local.name}.remote-{uuid.uuid4().hex}")
     try:
-        if not storage.download(uri, tmp):
-            return
-        db = sqlite3.connect(str(local))
-        try:
-            with db:
-                db.execute("ATTACH DATABASE ? AS remote", (str(tmp),))
-                db.execute("INSERT OR IGNORE INTO generations SELECT * FROM remote.generations")
-            db.execute("DETACH DATABASE remote")
-        finally:
-            db.close()
-        log.info("teacher cache: merged %s into %s", uri, local)
+        if storage.download(uri, tmp):
+            GenerationCache(local).close()  # the table with its key, should a segment come before any base
+            _merge_into(local, tmp)
+            log.info("teacher cache: merged %s into %s", uri, local)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 class CacheSync:
     """Pushes the local cache to `uri` every `interval_s` while it grows (a background thread), and on
-    `push()` / `stop()`. Pulls the remote copy when created."""
+    `push()` / `stop()`: the first push of a process uploads it whole, later ones only the new rows. Pulls
+    the remote copy when created."""
 
     def __init__(self, local: Path, uri: str, interval_s: float = 30.0) -> None:
         self.local, self.uri, self.interval_s = Path(local), uri, interval_s
         self._lock = threading.Lock()
-        self._pushed_rows = -1
+        self._pushed_rowid, self._segments = 0, 0
         self._stop = threading.Event()
         pull_cache(uri, self.local)
         self._thread = threading.Thread(target=self._loop, name="s3ray-cache-sync", daemon=True)
@@ -100,16 +153,21 @@ class CacheSync:
 
     def push(self) -> None:
         with self._lock:
+            whole = self._pushed_rowid == 0 or self._segments >= MAX_SEGMENTS
             try:
-                self._pushed_rows = push_cache(self.local, self.uri)
+                top = push_cache(self.local, self.uri, 0 if whole else self._pushed_rowid)
             except OSError as exc:  # the next push tries again; a lost push only costs regeneration
                 log.warning("teacher cache: upload to %s failed (%s); retried at the next push", self.uri, exc)
+                return
+            if top > self._pushed_rowid or whole:
+                self._segments = 0 if whole else self._segments + 1
+            self._pushed_rowid = top
 
     def _changed(self) -> bool:
         try:
             db = sqlite3.connect(f"file:{self.local}?mode=ro", uri=True)
             try:
-                return int(db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]) != self._pushed_rows
+                return _max_rowid(db) != self._pushed_rowid
             finally:
                 db.close()
         except sqlite3.Error:

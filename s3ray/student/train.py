@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -149,6 +150,15 @@ def _ray_storage(out_dir: Path, storage_uri: str | None) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
+def _drop_ray_train_copy(out_dir: Path, storage_uri: str | None) -> None:
+    """Ray Train's own run folder holds a second copy of the checkpoint just copied to `out_dir`; a student
+    run never resumes from it (a killed step trains again), so it would only double the run's storage."""
+    if storage_uri is None:
+        shutil.rmtree(out_dir / "ray_train", ignore_errors=True)
+    else:
+        storage.delete_dir(storage.join(storage_uri, "ray_train"))
+
+
 def _fit(train_config: dict, cfg: StudentConfig, threads: int, out_dir: Path, desc: str,
          storage_uri: str | None = None):
     """Run Ray Train's TorchTrainer over worker.train_loop; its Result, or a clear error."""
@@ -200,6 +210,7 @@ def _train_ray(train_rows, val_rows, task: Task, cfg: StudentConfig, model_path,
     dest = out_dir / "checkpoint"
     with result.checkpoint.as_directory() as src:
         storage.replace_local_dir(src, dest)
+    _drop_ray_train_copy(out_dir, storage_uri)
     loop = float(m["train_loop_seconds"])
     return TrainResult(
         checkpoint=str(dest),
@@ -213,7 +224,6 @@ def _train_ray(train_rows, val_rows, task: Task, cfg: StudentConfig, model_path,
         extra={
             "n_features": len(features),
             "cpus_per_worker": threads,
-            "ray_run": str(result.path),
             **json.loads(m["strategy_json"]),  # strategy, and for DeepSpeed the engine's real ZeRO stage
             # where the wall time goes besides the training loops
             "ray_start_seconds": m["worker_enter_unix"] - t_fit,  # controller + workers up

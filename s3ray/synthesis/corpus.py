@@ -24,19 +24,21 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from s3ray.config import S3Config
+from s3ray.models import portable
+from s3ray.pipeline.mirror import CacheSync, sigterm_unwinds
 from s3ray.pipeline.rundir import atomic_write_bytes
 from s3ray.pipeline.s3 import RunInputs, check_failed_calls
-from s3ray.runtime import init_ray, set_cache_dirs
+from s3ray.runtime import alive_nodes, init_ray, set_cache_dirs
+from s3ray.storage import check_visible_from_all_nodes
 from s3ray.synthesis.collect import collect_rationales, rows_to_table
 from s3ray.synthesis.dedup import Deduplicator
 from s3ray.synthesis.dedup_scale import drops_of_shard, find_duplicates
 from s3ray.synthesis.plan import plan_rationales, plan_seed
-from s3ray.synthesis.shards import STATE_DIR, CorpusState, shard_name
+from s3ray.synthesis.shards import CARD_FILE, CORPUS_DIR, STATE_DIR, CorpusState, shard_name
 from s3ray.synthesis.stream import block_size, synthesize_shard
 from s3ray.teacher.teacher import Teacher, make_teacher
 
 log = logging.getLogger("s3ray.corpus")
-CARD = "corpus_card.json"
 MAX_DEDUP_PASSES = 5
 
 
@@ -124,7 +126,13 @@ def _dedup_pass(state: CorpusState, cfg: S3Config, inputs: RunInputs) -> None:
     if out.is_dir():  # a pass cut off after its drop list was complete: apply that list (same shards)
         found = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
     else:
-        found = find_duplicates(state.shard_files(), fields, cfg.synthesis.near_duplicate_threshold, out)
+        # Ray Data's read tasks may run on any node: there the working copy of an object store corpus is
+        # not, but its URI is (shards are pushed before the state that records them).
+        files = [str(f) for f in state.shard_files()]
+        if state.remote and len(alive_nodes()) > 1:
+            files = [state.uri_of(f"{CORPUS_DIR}/{s['file']}") for s in state.shards]
+        found = find_duplicates(files, fields, cfg.synthesis.near_duplicate_threshold, out)
+        state.changed(out)
 
     reasons: Counter = Counter()
     for i in range(len(state.shards)):
@@ -140,40 +148,63 @@ def _dedup_pass(state: CorpusState, cfg: S3Config, inputs: RunInputs) -> None:
              dict(reasons) or "none")
 
 
+def _teacher_for_every_node(cfg: S3Config, inputs: RunInputs, state: CorpusState, backend: str | None) -> str:
+    """What teacher replicas load, whichever node they land on (as `s3ray run` does): a local model folder is
+    staged under the corpus storage when that is an object store or the cluster has several nodes, and a
+    multi-node cluster must first prove that every node sees that storage."""
+    if backend == "local" or cfg.teacher.engine == "openai":
+        return inputs.teacher_path
+    multi = len(alive_nodes()) > 1
+    if multi:
+        check_visible_from_all_nodes(state.uri)
+    return portable(cfg.teacher.model, inputs.teacher_path, state.uri, state.remote or multi)
+
+
 def generate_corpus(cfg: S3Config, inputs: RunInputs, resume: bool = False, backend: str | None = None) -> dict:
     """Generate (or resume) the corpus of `cfg.synthesis.corpus_rows` rows; returns its card."""
     target = cfg.synthesis.corpus_rows
-    state = CorpusState(cfg.run.output_dir, _identity(cfg), resume)
-    root = state.corpus.parent
-    set_cache_dirs(root / "cache")
+    state = CorpusState(cfg.run.output_dir, _identity(cfg), resume, local_dir=cfg.run.local_dir)
+    set_cache_dirs(state.root / "cache")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    teacher = make_teacher(cfg.teacher, inputs.teacher_path, run_seed=cfg.run.seed,
-                           cache_path=root / "teacher_cache.sqlite", model_name=cfg.teacher.model, backend=backend)
+    node_teacher = _teacher_for_every_node(cfg, inputs, state, backend)
+    cache_path = state.root / "teacher_cache.sqlite"
+    # An object store corpus carries its generation cache too (the same URI `s3ray run` on it reads).
+    sync = CacheSync(cache_path, state.uri_of("teacher_cache.sqlite")) if state.remote else None
+    teacher = make_teacher(cfg.teacher, inputs.teacher_path, run_seed=cfg.run.seed, cache_path=cache_path,
+                           model_name=cfg.teacher.model, backend=backend, node_model_path=node_teacher)
     dedup = ProtectOnly(cfg.synthesis.near_duplicate_threshold)
     dedup.protect(inputs.task.dedup_text(r) for r in inputs.validation + (inputs.test or []))
     try:
-        rationales = _rationales(state, cfg, inputs, teacher)
-        _finish_incomplete_pass(state)
-        block = None
-        for _ in range(MAX_DEDUP_PASSES):
-            progress = Progress(target, _rows_now(state))
-            while _rows_now(state) < target:
-                block = block or block_size(teacher, cfg.teacher.max_in_flight, cfg.teacher.replicas)
-                i = len(state.shards)
-                table, record = _generate_shard(i, cfg, inputs, rationales, teacher, dedup, block)
-                state.write_shard(i, table, record)
-                progress.shard_done(_rows_now(state), record)
-            progress.close()
-            unchecked = not state.data["dedup"] or state.data["dedup"][-1]["shards"] < len(state.shards)
-            if unchecked:
-                _dedup_pass(state, cfg, inputs)
-            if _rows_now(state) >= target:
-                break
-        card = _finish(state, cfg, inputs, teacher, target)
+        with sigterm_unwinds():  # `ray job stop`: the finally below still pushes the cache
+            return _generate(state, cfg, inputs, teacher, dedup, target)
     finally:
+        if sync is not None:
+            sync.stop()
         teacher.close()
         state.close()
-    return card
+
+
+def _generate(state: CorpusState, cfg: S3Config, inputs: RunInputs, teacher: Teacher, dedup: ProtectOnly,
+              target: int) -> dict:
+    """Rationales, shards until `target` rows survive the corpus-wide dedup, then the card."""
+    rationales = _rationales(state, cfg, inputs, teacher)
+    _finish_incomplete_pass(state)
+    block = None
+    for _ in range(MAX_DEDUP_PASSES):
+        progress = Progress(target, _rows_now(state))
+        while _rows_now(state) < target:
+            block = block or block_size(teacher, cfg.teacher.max_in_flight, cfg.teacher.replicas)
+            i = len(state.shards)
+            table, record = _generate_shard(i, cfg, inputs, rationales, teacher, dedup, block)
+            state.write_shard(i, table, record)
+            progress.shard_done(_rows_now(state), record)
+        progress.close()
+        unchecked = not state.data["dedup"] or state.data["dedup"][-1]["shards"] < len(state.shards)
+        if unchecked:
+            _dedup_pass(state, cfg, inputs)
+        if _rows_now(state) >= target:
+            break
+    return _finish(state, cfg, inputs, teacher, target)
 
 
 def _finish_incomplete_pass(state: CorpusState) -> None:
@@ -198,7 +229,7 @@ def _finish(state: CorpusState, cfg: S3Config, inputs: RunInputs, teacher: Teach
         extra -= len(cut)
     card = corpus_card(state, cfg, inputs, teacher)
     # Beside the shard folder, not in it: `load_dataset("parquet", data_dir=corpus)` reads every file there.
-    atomic_write_bytes(state.corpus.parent / CARD, json.dumps(card, indent=2).encode())
+    state.changed(atomic_write_bytes(state.root / CARD_FILE, json.dumps(card, indent=2).encode()))
     state.data["done"] = True
     state.save()
     return card

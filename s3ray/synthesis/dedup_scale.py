@@ -80,37 +80,46 @@ def one_reason(group: pd.DataFrame) -> pd.DataFrame:
                          "reason": np.where(best["rank"] == 0, EXACT, NEAR)})
 
 
-def find_duplicates(shard_files: list[Path], text_fields: list[str], threshold: float, out_dir: Path) -> int:
-    """Write (id, shard, reason) of every row to drop to Parquet files under `out_dir` (replaced atomically);
-    returns how many."""
+def find_duplicates(shard_files: list[str], text_fields: list[str], threshold: float, out_dir: Path) -> int:
+    """Write (id, shard, reason) of every row to drop to Parquet under the local folder `out_dir` (replaced
+    atomically); returns how many. `shard_files`: paths every Ray node can read (local paths on one node or
+    a shared filesystem, else object store URIs)."""
+    import pyarrow.parquet as pq
     import ray.data  # Ray Data only where the corpus-wide pass runs
 
+    from s3ray import storage
+
     bands, rows = band_params(threshold)
+    fs, _ = storage.resolve(str(shard_files[0]))
+    paths = [storage.resolve(str(f))[1] for f in shard_files]
     # Keys are grouped by bucket, not one by one: a Python call per key (millions) would dominate the pass.
-    n_keys = sum(_rows_in(f) for f in shard_files) * (bands + 1)
+    n_keys = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths) * (bands + 1)
     buckets = max(4, math.ceil(n_keys / KEYS_PER_BUCKET))
-    ds = ray.data.read_parquet([str(f) for f in shard_files], include_paths=True).select_columns(
-        ["id", "path", *text_fields])
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True).select_columns(["id", "path", *text_fields])
     keys = ds.map_batches(row_keys, batch_format="pandas", fn_kwargs={"text_fields": text_fields, "bands": bands,
                                                                       "rows": rows, "buckets": buckets})
-    parts = max(2, min(200, len(shard_files), buckets))  # Ray's default of 200 hash partitions swamps a small corpus
+    parts = max(2, min(200, len(paths), buckets))  # Ray's default of 200 hash partitions swamps a small corpus
     losers = keys.groupby("bucket", num_partitions=parts).map_groups(
         cluster_losers, batch_format="pandas", fn_kwargs={"buckets": buckets})
     drops = losers.groupby("bucket", num_partitions=parts).map_groups(one_reason, batch_format="pandas")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)  # Ray Data writes no folder when there is nothing to drop
-    drops.write_parquet(str(tmp))
-    n = sum(_rows_in(f) for f in tmp.glob("*.parquet"))
+    tmp.mkdir(parents=True)
+    # Written here, by the driver, batch by batch: Ray Data's own writer would put files on whichever node
+    # runs its tasks, and the list is small (an id and a reason per dropped row).
+    n, writer = 0, None
+    try:
+        for batch in drops.iter_batches(batch_format="pyarrow", batch_size=65536):
+            if batch.num_rows:
+                writer = writer or pq.ParquetWriter(tmp / "drops.parquet", batch.schema)
+                writer.write_table(batch.cast(writer.schema))
+                n += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return n
-
-
-def _rows_in(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
 
 
 def drops_of_shard(out_dir: Path, shard: int):
