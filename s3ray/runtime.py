@@ -124,10 +124,17 @@ def job_env_vars(joining: bool) -> dict[str, str]:
     return {k: os.environ[k] for k in forwarded if k in os.environ}
 
 
+def cluster_address(address: str | None) -> str | None:
+    """`address`, else $RAY_ADDRESS (set for a `ray job submit` entrypoint, as `ray.init()` reads it): code
+    that would start a local cluster, a benchmark say, joins the job's cluster instead."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
-    """Join `address` when given, else start a local cluster. Idempotent."""
+    """Join `address` (or $RAY_ADDRESS) when given, else start a local cluster. Idempotent."""
     if ray.is_initialized():
         return
+    address = cluster_address(address)
     kwargs: dict = {"runtime_env": {"env_vars": job_env_vars(joining=bool(address))}, "log_to_driver": True}
     if address:
         log.info("joining Ray cluster at %s", address)

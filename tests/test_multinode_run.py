@@ -11,7 +11,8 @@ driver's machine only, so they reach the other nodes through the run storage. Th
    spare teacher node); after seed synthesis the job is stopped (`ray job stop`);
 3. the head's local copy of the run is deleted (a resubmitted job landing on another head), and job B, the
    same submission again, resumes from S3 and finishes: nothing job A generated is generated again, and
-   the report (read from S3) has every student and every row exactly once.
+   the report (read from S3) has every student and every row exactly once;
+4. job G generates a small corpus into S3 with jobs/generate_job.py.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from s3ray import storage
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_URI = "s3://s3ray-runs/e2e"
+CORPUS_URI = "s3://s3ray-runs/corpus"
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]  # opt-in: make multinode
 
 
@@ -54,6 +56,22 @@ def _config(path: Path, output_dir: str, teacher: Path, student: Path) -> Path:
     return path
 
 
+def _corpus_config(path: Path, teacher: Path) -> Path:
+    """A small corpus into S3: 3 shards, so the corpus-wide dedup pass reads shards written by the driver."""
+    cfg = {
+        "run": {"name": "corpus", "output_dir": CORPUS_URI, "seed": 4},
+        "task": {"type": "classification", "labels": ["negative", "positive"], "description": "movie review"},
+        "data": {"validation": str(REPO / "data/sst2/validation.jsonl"), "validation_size": 24},
+        "teacher": {"model": str(teacher), "engine": "transformers", "transformers": {"batch_size": 8},
+                    "max_in_flight": 8, "sampling": {"max_tokens": 8}, "resources": {"teacher_node": 1},
+                    "request_timeout_s": 120, "start_timeout_s": 240},
+        "synthesis": {"num_rationales": 2, "rationales_per_example": 1, "corpus_rows": 40, "corpus_shard_size": 16,
+                      "min_chars": 1},
+    }
+    path.write_text(json.dumps(cfg))
+    return path
+
+
 class Jobs:
     """`ray job ...` against the test cluster's head, from the driver machine "d"."""
 
@@ -68,9 +86,9 @@ class Jobs:
         return subprocess.run([ray_cli, "job", args[0], "--address", self.cluster.dashboard, *args[1:]], env=self.env,
                               capture_output=True, text=True, timeout=timeout, check=False)
 
-    def submit(self, job_id: str, config: Path) -> None:
+    def submit(self, job_id: str, config: Path, script: str = "jobs/s3_job.py") -> None:
         done = self.ray("submit", "--no-wait", "--submission-id", job_id, "--runtime-env-json", self.runtime_env,
-                        "--", sys.executable, str(REPO / "jobs/s3_job.py"), str(config))
+                        "--", sys.executable, str(REPO / script), str(config))
         assert done.returncode == 0, done.stdout + done.stderr
 
     def status(self, job_id: str) -> str:
@@ -150,6 +168,12 @@ def scenario(tmp_path_factory):
         out["b_state"] = jobs.wait("b", 1200)
         out["b_logs"] = jobs.logs("b")
         out["b_calls"] = _calls(call_log)[len(out["a_calls"]):]
+        corpus = _corpus_config(work / "corpus.json", teacher)
+        jobs.submit("g", corpus, script="jobs/generate_job.py")
+        out["g_state"], out["g_logs"] = jobs.wait("g", 600), jobs.logs("g")
+        if out["g_state"] == "SUCCEEDED":
+            out["corpus_card"] = json.loads(storage.read_bytes(storage.join(CORPUS_URI, "corpus_card.json")))
+            out["corpus_files"] = storage.list_dir(CORPUS_URI, recursive=True)
         if out["b_state"] == "SUCCEEDED":
             out["report"] = json.loads(storage.read_bytes(storage.join(RUN_URI, "report.json")))
             out["manifest"] = json.loads(storage.read_bytes(storage.join(RUN_URI, "manifest.json")))
@@ -218,6 +242,17 @@ def test_each_node_stages_the_models_in_its_own_cache(scenario):
     the driver's (the head's), whose path another machine may not have."""
     staged = scenario["staged_on"]
     assert "s" in staged and staged & {"t", "t2"}, staged
+
+
+def test_a_corpus_generated_into_s3_by_a_job_is_whole_there(scenario):
+    """`jobs/generate_job.py` with an s3:// output_dir: shards, state and card land in S3, and the corpus-wide
+    dedup pass (Ray Data tasks on the worker nodes; the head runs no tasks) read the shards from there."""
+    assert scenario["g_state"] == "SUCCEEDED", scenario["g_logs"][-4000:]
+    card, files = scenario["corpus_card"], scenario["corpus_files"]
+    assert card["rows"] == 40 and card["shards"] >= 3
+    assert {f"corpus/{name}" for name in card["files"]} <= set(files)
+    assert "corpus_state/state.json" in files and "teacher_cache.sqlite" in files
+    assert "corpus-wide dedup pass" in scenario["g_logs"]
 
 
 def test_nothing_is_left_running(scenario):

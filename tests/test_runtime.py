@@ -1,6 +1,10 @@
 """Process-wide setup: the local Ray cluster's workers and core counts."""
 
+import json
 import logging
+from pathlib import Path
+
+import pytest
 
 from s3ray.runtime import _STATE_API_LOGGERS, cap_to_local_cores, local_cores, one_node
 
@@ -80,3 +84,36 @@ def test_node_resources_report_what_is_free_on_each_node(ray_local):
         assert node_resources()[0].free["CPU"] == idle.free["CPU"] - 1
     finally:
         ray_local.util.remove_placement_group(group)
+
+
+def test_code_that_starts_a_local_cluster_joins_the_job_s_cluster_inside_a_ray_job(monkeypatch):
+    from s3ray.runtime import cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(None) is None and cluster_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what `ray job submit` gives its entrypoint
+    assert cluster_address(None) == "127.0.0.1:6379"
+
+
+def test_the_benchmark_job_runs_a_benchmark_and_keeps_its_json_where_asked(tmp_path, monkeypatch, capsys):
+    """jobs/benchmark_job.py: the benchmark's own arguments pass through, its JSON reaches the log and the
+    --results folder (the job's working dir is temporary), and a failed benchmark fails the job."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import benchmark_job
+
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "echo.py").write_text(
+        "import json, sys\nargs = sys.argv[1:]\nout = args[args.index('--out') + 1]\n"
+        "json.dump({'args': args[: args.index('--out')]}, open(out, 'w'))\n")
+    (bench / "broken.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.setattr(benchmark_job, "BENCHMARKS", bench)
+    assert benchmark_job.names() == ["broken", "echo"]
+    assert benchmark_job.run_job(["echo", "--results", str(tmp_path / "res"), "--", "--rows", "5"]) == 0
+    assert json.loads((tmp_path / "res" / "echo.json").read_text()) == {"args": ["--rows", "5"]}
+    assert '"args"' in capsys.readouterr().out
+    assert benchmark_job.run_job(["broken"]) == 3
+    with pytest.raises(SystemExit):
+        benchmark_job.parse(["nosuch"])
