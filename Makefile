@@ -35,7 +35,7 @@ corpus-scale: $(STAMP)
 	$(BIN)/python -m pytest -q -m corpus_scale tests/test_corpus.py
 
 # A tiny s3:// run submitted with `ray job submit` to a 4-node loopback cluster (teacher node killed, job
-# stopped and resubmitted); 10+ minutes on 2 cores. tests/test_storage.py covers the storage check by default.
+# stopped and resubmitted, then a corpus job into S3). Part of `make test`; this target runs it alone.
 multinode: $(STAMP)
 	$(BIN)/python -m pytest -q -m multinode tests/test_multinode_run.py
 

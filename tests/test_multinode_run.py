@@ -34,7 +34,7 @@ from s3ray import storage
 REPO = Path(__file__).resolve().parents[1]
 RUN_URI = "s3://s3ray-runs/e2e"
 CORPUS_URI = "s3://s3ray-runs/corpus"
-pytestmark = [pytest.mark.slow, pytest.mark.multinode]  # opt-in: make multinode
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]  # in the default suite; alone: make multinode
 
 
 def _config(path: Path, output_dir: str, teacher: Path, student: Path) -> Path:
@@ -235,6 +235,7 @@ def test_the_report_read_from_s3_has_every_student_and_every_row_once(scenario):
     assert "students/round1/checkpoint/s3ray_student.json" in files
     assert any(f.startswith("models/") for f in files) and "teacher_cache.sqlite" in files
     assert not [f for f in files if "/ray_train/" in f]  # Ray Train's second copy of each checkpoint is dropped
+    assert not [f for f in files if f.startswith(".s3ray-visibility")]  # the storage check's markers are removed
 
 
 def test_each_node_stages_the_models_in_its_own_cache(scenario):

@@ -1,13 +1,11 @@
-"""Run storage: URIs, atomic writes, staging folders, and the check that every Ray node sees the run dir.
+"""Run storage: URIs, atomic writes, staging folders, and jobs refusing a run dir they would lose.
 
-The multi-node tests share ONE local cluster (tests/multinode.py: a no-CPU head, a teacher node and a
-student node, each with its own home, plus a moto S3 endpoint). Their driver runs in a subprocess so this
-test process's own session Ray cluster stays untouched.
+The check that every Ray node sees the run dir runs on a real multi-node cluster with S3 in
+tests/test_multinode_run.py (a node-local output_dir fails before generation; an s3:// one carries a run).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -101,95 +99,6 @@ def test_a_submitted_job_refuses_a_relative_run_dir_before_starting_anything(tmp
     assert done.returncode == 2, done.stderr[-2000:]
     assert "run.output_dir 'runs/sst2-quickstart' is relative" in done.stderr
     assert "s3://" in done.stderr and "Ray cluster" not in done.stderr  # refused before joining any cluster
-
-
-# ---- one local multi-node cluster for the rest of the module ----
-
-def drive(s3_run: str, local_run: str, local_file: str) -> dict:
-    """Driver side (runs in a subprocess joined to the test cluster): what the assertions below check."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from s3ray.runtime import init_ray
-
-    init_ray(address="auto")  # RAY_ADDRESS names the test cluster
-    roles = {"teacher_node": "teacher", "student_node": "student"}
-    nodes = {next((r for k, r in roles.items() if k in n["Resources"]), "head"): n["NodeID"]
-             for n in ray.nodes() if n["Alive"]}
-    out: dict = {"nodes": nodes}
-    storage.check_visible_from_all_nodes(s3_run)
-    out["s3_visible"] = True
-    try:
-        storage.check_visible_from_all_nodes(local_run)
-    except storage.StorageError as exc:
-        out["local_error"] = str(exc)
-    out["markers_left"] = storage.list_dir(storage.join(s3_run, ".s3ray-visibility"))
-
-    def on(node: str, fn, *args):
-        task = ray.remote(num_cpus=0)(fn).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[node], soft=False))
-        return ray.get(task.remote(*args))
-
-    uri = storage.join(s3_run, "round-0", "train.parquet")
-    on("teacher", storage.write_parquet, uri, TABLE)
-    out["s3_read_on_student"] = on("student", storage.read_parquet, uri).equals(TABLE)
-    out["s3_read_on_driver"] = storage.read_parquet(uri).equals(TABLE)
-    storage.write_parquet(local_file, TABLE)
-    out["local_round_trip"] = storage.read_parquet(local_file).equals(TABLE)
-    return out
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    from multinode import start_cluster
-
-    c = start_cluster()
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
-def driven(cluster):
-    from multinode import run_driver
-
-    done = run_driver(cluster, [__file__, "--drive", "s3://s3ray-runs/sst2", "~/runs/sst2",
-                                str(cluster.root / "d" / "local" / "train.parquet")])
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.slow
-def test_an_object_store_run_dir_is_visible_from_every_node_and_cleaned_up(driven):
-    assert set(driven["nodes"]) == {"head", "teacher", "student"}
-    assert driven["s3_visible"] is True
-    assert driven["markers_left"] == []
-
-
-@pytest.mark.slow
-def test_a_node_local_run_dir_fails_naming_every_node_that_cannot_see_it(driven):
-    err = driven["local_error"]
-    assert "run.output_dir ~/runs/sst2" in err and "3 of 3 node(s)" in err
-    for node_id in driven["nodes"].values():
-        assert node_id[:12] in err
-    assert "shared filesystem" in err and "s3://" in err
-
-
-@pytest.mark.slow
-def test_parquet_written_on_one_node_reads_back_on_another_through_s3(driven):
-    assert driven["s3_read_on_student"] and driven["s3_read_on_driver"]
-    assert driven["local_round_trip"]
-
-
-@pytest.mark.slow
-def test_stopping_the_cluster_leaves_nothing_running(cluster, driven):
-    assert cluster.processes(), "the cluster should be running before it is stopped"
-    cluster.stop()
-    assert [n.proc.poll() is not None for n in cluster.nodes] == [True] * 3
-    assert cluster.processes() == []
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--drive"]:
-    print(json.dumps(drive(*sys.argv[2:5])))
 
 
 def test_a_folder_is_replaced_whole_and_leaves_no_temp_copy(tmp_path):
