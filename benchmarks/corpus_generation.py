@@ -264,17 +264,24 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="s3bench-corpus-"))
     set_cache_dirs(work / "caches")
     ncpu = len(os.sched_getaffinity(0))
-    res: dict = {"benchmark": "corpus_generation", "model": args.model, "prompts": args.prompts,
-                 "max_tokens": args.max_tokens, "device": f"CPU ({ncpu} cores, {platform.processor() or 'x86-64'})",
+    res: dict = {"benchmark": "corpus_generation", "device": f"CPU ({ncpu} cores, {platform.processor() or 'x86-64'})",
                  "results": {}}
     if not {"stream", "peer", "raw", "scaling"} <= set(args.skip):
+        res.update(model=args.model, prompts=args.prompts, max_tokens=args.max_tokens,
+                   peers_measured=time.strftime("%Y-%m-%d %H:%M"), peers_load_avg=os.getloadavg()[0])
         compare_peers(res, args, ncpu, work)
     if "rss" not in args.skip:
+        res["rss_measured"] = time.strftime("%Y-%m-%d %H:%M")
         res["rss"] = [bench_rss(int(n), args.rss_shard, work) for n in args.rss_rows.split(",")]
         base = res["rss"][0]["peak_rss_mb_per_shard"][-1]
         res["rss_growth_first_to_last_size"] = round(res["rss"][-1]["peak_rss_mb_per_shard"][-1] / base - 1, 4)
         print(f"driver peak RSS growth {args.rss_rows}: {100 * res['rss_growth_first_to_last_size']:.1f}%")
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    out = Path(args.out)
+    if out.is_file():  # a run that skipped some parts keeps their earlier figures (each part is dated)
+        old = json.loads(out.read_text())
+        res = {**old, **{k: v for k, v in res.items() if k != "results"},
+               "results": {**old.get("results", {}), **res["results"]}}
+    out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 
