@@ -64,7 +64,7 @@ def _write_snapshot(local: Path, dest: Path, after_rowid: int) -> int:
         finally:
             dst.close()
             src.close()
-    db = sqlite3.connect(str(dest))
+    db = sqlite3.connect(f"file:{dest}", uri=True)  # URI names on: the ATTACH below opens `local` read-only
     try:
         db.execute("ATTACH DATABASE ? AS src", (f"file:{local}?mode=ro",))
         with db:  # one read transaction: the highest rowid and the rows copied agree
