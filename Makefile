@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/s3ray run $(CONFIG) --resume-if-exists
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # The crash-point fuzz: >= 30 SIGKILLs of a tiny S3 run, each resumed (15+ minutes on 2 cores).
 fuzz: $(STAMP)
