@@ -361,6 +361,7 @@ def _run_steps(s3: S3Steps, step: StepRecorder) -> None:
         round_files.append(steps.round_file(r + 1))
 
     stream.merge_parquet([s3.run.abs(f) for f in round_files], s3.run.abs(steps.FINAL_TRAIN_FILE), inputs.task)
+    s3.run.push(steps.FINAL_TRAIN_FILE)  # rebuilt from the rounds on every start, so no step records it
     final_rows = s3.rows(round_files)  # the student trains on rows in memory
     extra = None
     if cfg.baselines.equal_budget:  # its extra seed rows need the teacher: generate them before release
