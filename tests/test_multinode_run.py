@@ -65,7 +65,7 @@ def _corpus_config(path: Path, teacher: Path) -> Path:
         "teacher": {"model": str(teacher), "engine": "transformers", "transformers": {"batch_size": 8},
                     "max_in_flight": 8, "sampling": {"max_tokens": 8}, "resources": {"teacher_node": 1},
                     "request_timeout_s": 120, "start_timeout_s": 240},
-        "synthesis": {"num_rationales": 2, "rationales_per_example": 1, "corpus_rows": 40, "corpus_shard_size": 16,
+        "synthesis": {"num_rationales": 2, "rationales_per_example": 1, "corpus_rows": 150, "corpus_shard_size": 64,
                       "min_chars": 1},
     }
     path.write_text(json.dumps(cfg))
@@ -235,7 +235,7 @@ def test_the_report_read_from_s3_has_every_student_and_every_row_once(scenario):
     assert "students/round1/checkpoint/s3ray_student.json" in files
     assert any(f.startswith("models/") for f in files) and "teacher_cache.sqlite" in files
     assert not [f for f in files if "/ray_train/" in f]  # Ray Train's second copy of each checkpoint is dropped
-    assert not [f for f in files if f.startswith(".s3ray-visibility")]  # the storage check's markers are removed
+    assert not [f for f in files if f.startswith(".s3ray-visibility/")]  # the storage check's markers are removed
 
 
 def test_each_node_stages_the_models_in_its_own_cache(scenario):
@@ -250,7 +250,7 @@ def test_a_corpus_generated_into_s3_by_a_job_is_whole_there(scenario):
     dedup pass (Ray Data tasks on the worker nodes; the head runs no tasks) read the shards from there."""
     assert scenario["g_state"] == "SUCCEEDED", scenario["g_logs"][-4000:]
     card, files = scenario["corpus_card"], scenario["corpus_files"]
-    assert card["rows"] == 40 and card["shards"] >= 3
+    assert card["rows"] == 150 and card["shards"] >= 3
     assert {f"corpus/{name}" for name in card["files"]} <= set(files)
     assert "corpus_state/state.json" in files and "teacher_cache.sqlite" in files
     assert "corpus-wide dedup pass" in scenario["g_logs"]
