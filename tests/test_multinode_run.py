@@ -37,39 +37,43 @@ CORPUS_URI = "s3://s3ray-runs/corpus"
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]  # in the default suite; alone: make multinode
 
 
-def _config(path: Path, output_dir: str, teacher: Path, student: Path) -> Path:
-    cfg = {
-        "run": {"name": "multinode", "output_dir": output_dir, "seed": 3},
+def _common(name: str, output_dir: str, seed: int, teacher: Path, **teacher_settings) -> dict:
+    """Task, data and a tiny teacher pinned to a `teacher_node`: what the run and the corpus job share."""
+    return {
+        "run": {"name": name, "output_dir": output_dir, "seed": seed},
         "task": {"type": "classification", "labels": ["negative", "positive"], "description": "movie review"},
         "data": {"validation": str(REPO / "data/sst2/validation.jsonl"), "validation_size": 24},
-        "teacher": {"model": str(teacher), "engine": "transformers", "transformers": {"batch_size": 1},
-                    "max_in_flight": 2, "sampling": {"max_tokens": 16}, "resources": {"teacher_node": 1},
-                    "request_timeout_s": 120, "start_timeout_s": 240},
+        "teacher": {"model": str(teacher), "engine": "transformers", "resources": {"teacher_node": 1},
+                    "request_timeout_s": 120, "start_timeout_s": 240, **teacher_settings},
+    }
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(json.dumps(cfg))  # YAML is a superset of JSON
+    return path
+
+
+def _config(path: Path, output_dir: str, teacher: Path, student: Path) -> Path:
+    cfg = _common("multinode", output_dir, 3, teacher, transformers={"batch_size": 1}, max_in_flight=2,
+                  sampling={"max_tokens": 16})
+    cfg.update({
         "synthesis": {"num_rationales": 2, "rationales_per_example": 1, "seed_examples": 60, "rounds": 1,
                       "min_chars": 4},
         "student": {"model": str(student), "epochs": 1, "batch_size": 8, "max_length": 32,
                     "resources": {"student_node": 0.01}, "cpus_per_worker": 1},
         "mining": {"batch_size": 8, "concurrency": 1},
         "baselines": {"equal_budget": False, "real_validation": False, "s3_plus_real": False},
-    }
-    path.write_text(json.dumps(cfg))
-    return path
+    })
+    return _write(path, cfg)
 
 
 def _corpus_config(path: Path, teacher: Path) -> Path:
     """A small corpus into S3: 3 shards, so the corpus-wide dedup pass reads shards written by the driver."""
-    cfg = {
-        "run": {"name": "corpus", "output_dir": CORPUS_URI, "seed": 4},
-        "task": {"type": "classification", "labels": ["negative", "positive"], "description": "movie review"},
-        "data": {"validation": str(REPO / "data/sst2/validation.jsonl"), "validation_size": 24},
-        "teacher": {"model": str(teacher), "engine": "transformers", "transformers": {"batch_size": 8},
-                    "max_in_flight": 8, "sampling": {"max_tokens": 8}, "resources": {"teacher_node": 1},
-                    "request_timeout_s": 120, "start_timeout_s": 240},
-        "synthesis": {"num_rationales": 2, "rationales_per_example": 1, "corpus_rows": 150, "corpus_shard_size": 64,
-                      "min_chars": 1},
-    }
-    path.write_text(json.dumps(cfg))
-    return path
+    cfg = _common("corpus", CORPUS_URI, 4, teacher, transformers={"batch_size": 8}, max_in_flight=8,
+                  sampling={"max_tokens": 8})
+    cfg["synthesis"] = {"num_rationales": 2, "rationales_per_example": 1, "corpus_rows": 150,
+                        "corpus_shard_size": 64, "min_chars": 1}
+    return _write(path, cfg)
 
 
 class Jobs:

@@ -159,8 +159,10 @@ class CacheSync:
             except OSError as exc:  # the next push tries again; a lost push only costs regeneration
                 log.warning("teacher cache: upload to %s failed (%s); retried at the next push", self.uri, exc)
                 return
-            if top > self._pushed_rowid or whole:
-                self._segments = 0 if whole else self._segments + 1
+            if whole:
+                self._segments = 0
+            elif top > self._pushed_rowid:  # a segment went up
+                self._segments += 1
             self._pushed_rowid = top
 
     def _changed(self) -> bool:

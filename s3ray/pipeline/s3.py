@@ -329,14 +329,20 @@ def run_s3(cfg: S3Config, resume: bool = False, inputs: RunInputs | None = None,
     return report
 
 
+def needs_staging(output_dir: str, remote: bool) -> bool:
+    """Whether local model folders must be staged under the run storage for other nodes (an object store, or
+    a cluster of several nodes); on several nodes, first prove that every node sees `output_dir`."""
+    multi = len(alive_nodes()) > 1
+    if multi:  # as written: `~/runs/x` is each node's own home
+        check_visible_from_all_nodes(output_dir)
+    return remote or multi
+
+
 def _models_for_every_node(cfg: S3Config, inputs: RunInputs, run: RunDir) -> tuple[str, RunInputs]:
     """What replicas and workers load, whichever node they run on: embedded models by name, local folders
     staged under the run storage when it is an object store or the cluster has several nodes. Before any
     generation, a multi-node run also proves every node sees its storage (storage.StorageError if not)."""
-    multi = len(alive_nodes()) > 1
-    if multi:  # as written: `~/runs/x` is each node's own home
-        check_visible_from_all_nodes(cfg.run.output_dir)
-    stage = run.remote or multi
+    stage = needs_staging(cfg.run.output_dir, run.remote)
     teacher = inputs.teacher_path
     if cfg.teacher.engine != "openai":
         teacher = portable(cfg.teacher.model, inputs.teacher_path, run.uri, stage)

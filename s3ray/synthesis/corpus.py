@@ -27,9 +27,8 @@ from s3ray.config import S3Config
 from s3ray.models import portable
 from s3ray.pipeline.mirror import CacheSync, sigterm_unwinds
 from s3ray.pipeline.rundir import atomic_write_bytes
-from s3ray.pipeline.s3 import RunInputs, check_failed_calls
+from s3ray.pipeline.s3 import RunInputs, check_failed_calls, needs_staging
 from s3ray.runtime import alive_nodes, init_ray, set_cache_dirs
-from s3ray.storage import check_visible_from_all_nodes
 from s3ray.synthesis.collect import collect_rationales, rows_to_table
 from s3ray.synthesis.dedup import Deduplicator
 from s3ray.synthesis.dedup_scale import drops_of_shard, find_duplicates
@@ -154,10 +153,7 @@ def _teacher_for_every_node(cfg: S3Config, inputs: RunInputs, state: CorpusState
     multi-node cluster must first prove that every node sees that storage."""
     if backend == "local" or cfg.teacher.engine == "openai":
         return inputs.teacher_path
-    multi = len(alive_nodes()) > 1
-    if multi:
-        check_visible_from_all_nodes(state.uri)
-    return portable(cfg.teacher.model, inputs.teacher_path, state.uri, state.remote or multi)
+    return portable(cfg.teacher.model, inputs.teacher_path, state.uri, needs_staging(state.uri, state.remote))
 
 
 def generate_corpus(cfg: S3Config, inputs: RunInputs, resume: bool = False, backend: str | None = None) -> dict:
