@@ -6,8 +6,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from s3ray.config import TaskConfig
+from s3ray.config.schema import TeacherConfig
 from s3ray.finetune.formats import IGNORE, encode, render_prompt, training_pairs
 from s3ray.tasks import make_task
+from s3ray.teacher.teacher import make_teacher
+from s3ray.teacher.types import GenerationRequest, GenerationResult
 
 CLS_ROW = {"text": "a gripping, funny and warm film", "label": "positive"}
 PAIR_ROW = {"text_a": "Duke University is in Durham, the City of Medicine.", "text_b": "Duke is in Durham.",
@@ -99,10 +102,7 @@ def test_deepspeed_config_follows_the_training_section():
 
 @pytest.mark.parametrize("kind", ["pair", "extractive_qa"])
 def test_generation_jobs_keep_real_contexts_and_every_reply_is_kept_or_counted(kind, tiny_teacher_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from s3ray.finetune.generate import generate_rows, generation_jobs
+    from s3ray.finetune.generate import generate_rows, generation_jobs, generation_requests, parse_replies
 
     task, row = _task(kind)
     jobs = generation_jobs(task, [row], per_label=3, seed=0)
@@ -112,10 +112,40 @@ def test_generation_jobs_keep_real_contexts_and_every_reply_is_kept_or_counted(k
         assert jobs and all(lab is None and c["answer"] in row["context"] for lab, c in jobs)
     with pytest.raises(ValueError, match="keeps real contexts"):
         generation_jobs(task, [], per_label=1, seed=0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    rows, dropped = generate_rows(model, tok, task, jobs, temperature=1.0, top_p=1.0, max_tokens=12, seed=0)
+    cfg = TeacherConfig(model=str(tiny_teacher_dir), engine="transformers", dtype="float32")
+    with make_teacher(cfg, str(tiny_teacher_dir), run_seed=0, backend="local") as teacher:
+        rows, dropped = generate_rows(teacher, task, jobs, temperature=1.0, top_p=1.0, max_tokens=12, seed=0)
     assert len(rows) + sum(dropped.values()) == len(jobs)  # the random teacher's gibberish is counted, not lost
+    reqs = generation_requests(task, jobs, 1.0, 1.0, 12, seed=0)  # stable ids and seeds: a resume asks the same
+    assert reqs == generation_requests(task, jobs, 1.0, 1.0, 12, seed=0)
+    assert len({r.sampling.seed for r in reqs}) == len(reqs) and len({r.request_id for r in reqs}) == len(reqs)
+    failed = [GenerationResult(r.request_id, error="replica died") for r in reqs]
+    assert parse_replies(task, jobs, failed) == ([], {"teacher_error": len(jobs)})
+
+
+def test_a_base_model_s_plain_layout_is_what_the_teacher_pool_renders_from_its_export(tiny_teacher_dir):
+    """A base model (no chat template) trains on the plain layout; its export carries that layout as its
+    chat template, so the teacher pool's engines (render_prompt_ids) send exactly the trained prompt ids."""
+    from s3ray.finetune.formats import (
+        PLAIN_TEMPLATE,
+        annotation_messages,
+        completion_ids,
+        prompt_ids,
+        template_of,
+    )
+    from s3ray.teacher.engines import render_prompt_ids
+
+    base = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    base.chat_template = None
+    exported = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    exported.chat_template = template_of(base)  # what export.py saves
+    assert exported.chat_template == PLAIN_TEMPLATE
+    task, row = _task("pair")
+    msgs = annotation_messages(task, row)
+    trained = prompt_ids(base, msgs)
+    assert render_prompt_ids(exported, GenerationRequest("r", tuple(msgs))) == trained == prompt_ids(exported, msgs)
+    assert completion_ids(exported, msgs, "entailment") == completion_ids(base, msgs, "entailment")
+    assert base.decode(completion_ids(base, msgs, "entailment")) == "entailment" + base.eos_token
 
 
 @pytest.mark.parametrize("kind", ["classification", "pair"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,7 +169,7 @@ def test_recipe_preflight_names_data_problems_before_training(tmp_path, tiny_tea
     assert not (tmp_path / "run").exists()  # nothing started
 
 
-def test_method_none_uses_the_model_as_is_for_annotate_and_generate(tmp_path, tiny_teacher_dir):
+def test_method_none_uses_the_model_as_is_for_annotate_and_generate(tmp_path, tiny_teacher_dir, ray_local):
     """training.method=none: no fine-tune (no plan, no Ray), model.path is the teacher; the prompted
     baseline runs the same annotate / generate steps and is refused clearly when it would do nothing."""
     import json
@@ -182,7 +183,8 @@ def test_method_none_uses_the_model_as_is_for_annotate_and_generate(tmp_path, ti
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = {"task": {"labels": ["negative", "positive"]}, "model": {"path": str(tiny_teacher_dir)},
             "training": {"method": "none"}, "data": {"train": str(train), "pool": str(pool)},
-            "annotate": {"threshold": 0.0}, "generate": {"per_label": 3, "max_tokens": 8, "batch_size": 4}}
+            "annotate": {"threshold": 0.0}, "generate": {"per_label": 3, "max_tokens": 8},
+            "serve": {"engine": "transformers", "dtype": "float32"}}
     with pytest.raises(ConfigError, match="method=none with mode=none does nothing"):
         finetune_config_from_dict({**base, "mode": "none"})
     with pytest.raises(ConfigError, match="model.path .*no config.json"):
@@ -194,4 +196,15 @@ def test_method_none_uses_the_model_as_is_for_annotate_and_generate(tmp_path, ti
     assert rep["n"] == rep["n_gold"] == rep["kept"] == 6 and 0 <= rep["agreement"] <= 1
     gen = run_recipe(finetune_config_from_dict({**base, "mode": "generate", "run": {"output_dir": str(tmp_path / "g")}}))
     g = gen["steps"]["generate"]
-    assert g["requested"] == 6 and g["kept"] + sum(g["dropped"].values()) == 6  # batches of 4 and 2
+    assert g["requested"] == 6 and g["kept"] + sum(g["dropped"].values()) == 6
+    assert g["teacher"]["sent"] == 6 and g["teacher"]["output_tokens"] > 0  # served by the teacher pool
+    # A base model without a chat template is refused for generation before anything starts.
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_teacher_dir, plain)
+    for f in plain.glob("chat_template.jinja"):
+        f.unlink()
+    conf = json.loads((plain / "tokenizer_config.json").read_text())
+    conf.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match="no chat template"):
+        preflight(finetune_config_from_dict({**base, "mode": "generate", "model": {"path": str(plain)}}))

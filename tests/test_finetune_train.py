@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from finetune_tiny import build_tiny_neox, keyword_rows, vllm_greedy
 from safetensors import safe_open
@@ -16,7 +17,6 @@ from s3ray.config import TaskConfig
 from s3ray.finetune.annotate import annotate_rows, annotation_report, load_teacher
 from s3ray.finetune.config import finetune_config_from_dict
 from s3ray.finetune.formats import annotation_messages, prompt_ids
-from s3ray.finetune.generate import generate_rows, generation_jobs
 from s3ray.finetune.recipe import run_recipe
 from s3ray.finetune.train import finetune_teacher
 from s3ray.tasks import make_task
@@ -110,10 +110,36 @@ def test_annotation_labels_the_pool_with_agreement_and_coverage(zero3):
         r = annotation_report(TASK, pool, anns, thr)
         assert r["kept"] == sum(a.confidence >= thr for a in anns) and r["coverage"] == r["kept"] / 24
     assert annotation_report(TASK, pool, anns, 0.0)["coverage"] == 1.0
-    import pyarrow.parquet as pq
-
     kept = pq.read_table(rep["rows"]).to_pylist()
     assert len(kept) == rep["kept"] and all(k["confidence"] >= 0.6 and k["label"] in LABELS for k in kept)
+
+
+def test_an_interrupted_annotation_scores_only_the_chunks_not_saved(zero3, tmp_path, monkeypatch):
+    monkeypatch.setattr("s3ray.finetune.recipe.ANNOTATE_CHUNK", 10)  # 24 pool rows: parts of 10, 10 and 4
+    cfg = zero3[0].model_copy(deep=True)
+    cfg.training.method, cfg.student = "none", None
+    cfg.model.path = zero3[2]["steps"]["finetune"]["export_dir"]
+    cfg.run.output_dir = str(tmp_path / "ann")
+    first = run_recipe(cfg)["steps"]["annotate"]
+    parts = sorted((tmp_path / "ann" / "annotate_parts").glob("part-*.json"))
+    assert [len(json.loads(p.read_text())) for p in parts] == [10, 10, 4]
+    manifest = tmp_path / "ann" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["steps"]["annotate"]  # died while scoring the last chunk
+    manifest.write_text(json.dumps(m))
+    parts[-1].unlink()
+    kept_parts = {p: p.stat().st_mtime_ns for p in parts[:-1]}
+    scored = []
+
+    def counting(model, tok, task, rows, *args, **kwargs):
+        scored.append(len(rows))
+        return annotate_rows(model, tok, task, rows, *args, **kwargs)
+
+    monkeypatch.setattr("s3ray.finetune.annotate.annotate_rows", counting)
+    again = run_recipe(cfg, resume=True)["steps"]["annotate"]
+    assert scored == [4] and all(p.stat().st_mtime_ns == t for p, t in kept_parts.items())
+    assert {k: v for k, v in again.items() if k != "rows"} == {k: v for k, v in first.items() if k != "rows"}
+    assert pq.read_table(again["rows"]).to_pylist() == pq.read_table(first["rows"]).to_pylist()
 
 
 def test_the_annotated_rows_train_the_student(zero3):
@@ -133,12 +159,27 @@ def test_gold_only_student_uses_the_labelled_rows_and_no_teacher(zero3, tmp_path
     assert rep["student"]["n_train"] == 32 and rep["student"]["test_metrics"]["n"] == 10
 
 
-def test_generation_writes_parsed_rows_and_counts_the_rest(zero3):
-    model, tok = load_teacher(zero3[2]["steps"]["finetune"]["export_dir"])
-    jobs = generation_jobs(TASK, [], per_label=4, seed=0)
-    rows, dropped = generate_rows(model, tok, TASK, jobs, temperature=0.7, top_p=0.95, max_tokens=16, seed=0)
-    assert len(rows) + sum(dropped.values()) == len(jobs) == 8
-    assert all(r["label"] in LABELS and r["text"] for r in rows)
+def test_generation_by_the_teacher_pool_on_the_export_resumes_from_its_cache(zero3, tmp_path):
+    """mode=generate serves the export with the teacher pool (vLLM CPU replica on Ray): parsed rows in the
+    trained format, every reply kept or counted; the same step run again answers every request from the run's
+    generation cache and sends nothing."""
+    cfg = zero3[0].model_copy(deep=True)
+    cfg.training.method, cfg.mode, cfg.student = "none", "generate", None
+    cfg.model.path = zero3[2]["steps"]["finetune"]["export_dir"]
+    cfg.run.output_dir = str(tmp_path / "gen")
+    cfg.generate.per_label, cfg.generate.max_tokens, cfg.generate.temperature = 4, 16, 0.7
+    cfg.serve.vllm.max_model_len = 512  # the tiny NeoX's context
+    g = run_recipe(cfg)["steps"]["generate"]
+    assert g["requested"] == 8 and g["kept"] + sum(g["dropped"].values()) == 8 and g["teacher"]["sent"] == 8
+    rows = pq.read_table(g["rows"]).to_pylist()
+    assert len(rows) == g["kept"] and all(r["label"] in LABELS and r["text"] for r in rows)
+    manifest = Path(cfg.run.output_dir) / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["steps"]["generate"]  # as if the run died before recording the step
+    manifest.write_text(json.dumps(m))
+    again = run_recipe(cfg, resume=True)["steps"]["generate"]
+    assert again["teacher"]["cached"] == 8 and again["teacher"]["sent"] == 0
+    assert pq.read_table(again["rows"]).to_pylist() == rows
 
 
 def test_recipe_resume_skips_finished_steps(zero3):

@@ -11,6 +11,7 @@ row, its cache reused for every label); vLLM's prompt log-probs would do the sam
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from s3ray.finetune.formats import annotation_messages, completion_ids, prompt_ids
@@ -74,8 +75,10 @@ def score_batch(model, prompts: list[list[int]], completions: list[list[list[int
     return out
 
 
-def annotate_rows(model, tokenizer, task: Task, rows: list[dict], batch_size: int = 16) -> list[Annotation]:
-    """The teacher's label for every row (rows need the task's input fields, not a label)."""
+def annotate_rows(model, tokenizer, task: Task, rows: list[dict], batch_size: int = 16,
+                  on_batch: Callable[[int], object] | None = None) -> list[Annotation]:
+    """The teacher's label for every row (rows need the task's input fields, not a label). `on_batch(n)`
+    after every scored batch of n rows (a progress bar)."""
     if not task.labels:
         raise ValueError(f"annotation needs labels; task type {task.type!r} has none (use mode=generate)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -89,6 +92,8 @@ def annotate_rows(model, tokenizer, task: Task, rows: list[dict], batch_size: in
             top = max(lp.values())
             z = sum(math.exp(v - top) for v in lp.values())
             out.append(Annotation(max(lp, key=lp.get), 1.0 / z, lp))  # exp(top - top) / z
+        if on_batch is not None:
+            on_batch(len(msgs))
     return out
 
 

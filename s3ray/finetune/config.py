@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from s3ray.config import ConfigError, RayConfig, StudentConfig, TaskConfig, parse_overrides
+from s3ray.config.schema import TeacherConfig, TransformersConfig, VLLMConfig
 from s3ray.finetune.plan import Setting
 
 
@@ -109,7 +110,25 @@ class FtGenerateConfig(_Strict):
     temperature: float = Field(0.9, ge=0, le=2, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus mass.")
     max_tokens: int = Field(64, ge=1, description="New tokens per generated example.")
-    batch_size: int = Field(16, ge=1, description="Prompts sampled together (left-padded).")
+
+
+class FtServeConfig(_Strict):
+    """How mode=generate serves the teacher: the S3 loop's teacher pool, on the fine-tune's export."""
+
+    engine: Literal["vllm", "transformers"] = Field("vllm", description="vllm (CUDA or CPU build) | transformers.")
+    replicas: int = Field(1, ge=1, description="Teacher replicas (Ray actors), each one engine.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica for tensor parallelism.")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica.")
+    use_gpu: bool | None = Field(None, description="Place replicas on GPUs. None: yes when the cluster has GPUs.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Settings of the vllm engine.")
+    transformers: TransformersConfig = Field(default_factory=TransformersConfig,
+                                             description="Settings of the transformers engine.")
+
+    def teacher(self, model_dir: str) -> TeacherConfig:
+        """The teacher pool's config for serving `model_dir`."""
+        return TeacherConfig(model=model_dir, **self.model_dump())
 
 
 class FinetuneConfig(_Strict):
@@ -127,6 +146,9 @@ class FinetuneConfig(_Strict):
                                                           "data.pool, write new pairs, or nothing.")
     annotate: FtAnnotateConfig = Field(default_factory=FtAnnotateConfig)
     generate: FtGenerateConfig = Field(default_factory=FtGenerateConfig)
+    serve: FtServeConfig = Field(default_factory=FtServeConfig, description="The teacher pool that serves the "
+                                 "result for mode=generate (requests cached in the run directory: a resumed "
+                                 "run sends only what is missing).")
     student: StudentConfig | None = Field(None, description="Train this student on the annotated/generated "
                                           "rows (mode=none: on data.train itself, the gold-only baseline; "
                                           "s3ray.student.train_student). None: no student step.")

@@ -1,5 +1,6 @@
 """Export for serving, no manual step: the fine-tuned teacher as a standard HF folder (16-bit safetensors,
-tokenizer, config) that `teacher.model` and vLLM load, or a LoRA adapter folder next to its base.
+tokenizer with its chat template, config) that `teacher.model` and every engine of the teacher pool load, or a
+LoRA adapter folder next to its base.
 
 ZeRO-3 weights are gathered from every rank (a collective) into one 16-bit state dict; LoRA adapters are
 merged into the base weights (`merge_and_unload`) unless `lora.export=adapter`.
@@ -21,6 +22,8 @@ def export_from_worker(engine, config: dict, rank: int, history: list) -> None:
     import ray.train
     from transformers import AutoTokenizer
 
+    from s3ray.finetune.formats import template_of
+
     t = config["training"]
     if t["zero_stage"] == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
@@ -39,7 +42,9 @@ def export_from_worker(engine, config: dict, rank: int, history: list) -> None:
                 module.merge_and_unload().save_pretrained(d, safe_serialization=True)
         else:
             module.save_pretrained(d, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(config["model_path"]).save_pretrained(d)
+        tok = AutoTokenizer.from_pretrained(config["model_path"])
+        tok.chat_template = template_of(tok)  # a base model's export carries the layout it was trained on
+        tok.save_pretrained(d)
         meta = {"base_model": config["model_path"], "method": t["method"], "format": t["format"],
                 "lora_export": config["lora"]["export"] if t["method"] == "lora" else None,
                 "task": config["task_meta"], "history": history}

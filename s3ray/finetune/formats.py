@@ -4,8 +4,8 @@ Two directions (Kaddour & Liu 2024):
 - annotation: the example's inputs -> its label (QA: paragraph + question -> answer);
 - generation: the label (and the kept real context) -> the example: classification "write a <description>
   with label y" -> text; pair: text_a + label -> text_b; QA: paragraph + answer -> question.
-Prompts go through the tokenizer's chat template when it has one (as vLLM's chat path does), else a plain
-"### Response:" layout. Prompt and completion are tokenised apart and concatenated, exactly as generation
+Prompts go through the tokenizer's chat template when it has one (as the teacher pool's engines do), else a
+plain "### Response:" layout written as a chat template (PLAIN_TEMPLATE), which the export carries. Prompt and completion are tokenised apart and concatenated, exactly as generation
 sees them (prompt ids, then the model's continuation), and the loss covers the completion only (labels -100
 on the prompt). A completion ends with what the template appends after an assistant turn (or the EOS
 token), so the trained model stops after the label/example.
@@ -88,35 +88,47 @@ def training_pairs(task: Task, rows: list[dict], direction: str) -> list[Pair]:
 # ------------------------------------------------------------------------------------------ rendering
 
 
+# The plain layout as a chat template: a base model without a template of its own is trained on it, and its
+# export carries it (export.py), so every engine of the teacher pool renders exactly the trained format.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
+    "{{ '### Instruction:\\n' }}"
+    "{% for m in messages if m['role'] == 'user' %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ m['content'] }}{% endfor %}"
+    "{{ '\\n### Response:\\n' }}"
+    "{% for m in messages if m['role'] == 'assistant' %}{{ m['content'] }}"
+    "{% if eos_token %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def template_of(tokenizer) -> str:
+    """The tokenizer's own chat template, or the plain layout for a base model."""
+    return tokenizer.chat_template if has_chat_template(tokenizer) else PLAIN_TEMPLATE
+
+
 def render_prompt(tokenizer, messages) -> str:
-    """The prompt text the model continues (vLLM's chat path renders the same)."""
-    if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    system = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")
-    turns = [m["content"] for m in messages if m["role"] != "system"]
-    return system + "### Instruction:\n" + "\n".join(turns) + "\n### Response:\n"
+    """The prompt text the model continues (the teacher pool's engines render the same)."""
+    return tokenizer.apply_chat_template(list(messages), chat_template=template_of(tokenizer), tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def completion_text(tokenizer, messages, completion: str) -> str:
     """The completion as the template writes an assistant turn, with its end marker."""
-    if has_chat_template(tokenizer):
-        prompt = render_prompt(tokenizer, messages)
-        full = tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": completion}], tokenize=False
-        )
-        if full.startswith(prompt):
-            return full[len(prompt):]
+    prompt = render_prompt(tokenizer, messages)
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}],
+                                         chat_template=template_of(tokenizer), tokenize=False)
+    if full.startswith(prompt):
+        return full[len(prompt):]
     return completion + (tokenizer.eos_token or "")
 
 
 def prompt_ids(tokenizer, messages) -> list[int]:
-    # A chat template writes its own special tokens; a plain prompt gets the tokenizer's BOS if it has one.
-    return list(tokenizer(render_prompt(tokenizer, messages),
-                          add_special_tokens=not has_chat_template(tokenizer))["input_ids"])
+    # The template writes every special token the prompt has (as the engines' render_prompt_ids assume).
+    return list(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
 
 def completion_ids(tokenizer, messages, completion: str) -> list[int]:

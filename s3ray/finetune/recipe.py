@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from s3ray.finetune.config import (
 )
 from s3ray.pipeline.rundir import RunDir
 from s3ray.tasks import make_task
+
+ANNOTATE_CHUNK = 1024  # pool rows scored between two saved parts of the annotate step
 
 log = logging.getLogger("s3ray.finetune")
 
@@ -76,18 +79,47 @@ def _finetune_step(cfg: FinetuneConfig, rd: RunDir, resume: bool) -> dict:
 
 
 def _annotate_step(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> dict:
-    from s3ray.finetune.annotate import annotate_rows, annotated_rows, annotation_report, load_teacher
+    from s3ray.finetune.annotate import annotated_rows, annotation_report
 
     if not cfg.data.pool:
         raise ConfigError("mode=annotate needs data.pool (the unlabelled rows to label)")
     task, _ = _task_and_rows(cfg, "train", None, None)
     pool = _pool_rows(cfg, task)
-    model, tok = load_teacher(export_dir)
-    anns = annotate_rows(model, tok, task, pool, cfg.annotate.batch_size)
+    anns = _annotations(cfg, rd, task, pool, export_dir)
     rep = annotation_report(task, pool, anns, cfg.annotate.threshold)
     kept = annotated_rows(task, pool, anns, cfg.annotate.threshold)
     rep["rows"] = rd.write_parquet("annotated.parquet", pa.Table.from_pylist(kept)) if kept else None
     return rep
+
+
+def _annotations(cfg: FinetuneConfig, rd: RunDir, task, pool: list[dict], export_dir: str) -> list:
+    """The teacher's annotation of every pool row, scored ANNOTATE_CHUNK rows at a time. Each finished chunk
+    is written to annotate_parts/ at once, so a resumed step scores only the chunks not written yet (scoring
+    is deterministic: the result equals an uninterrupted run's)."""
+    from tqdm.auto import tqdm
+
+    from s3ray.finetune.annotate import Annotation, annotate_rows, load_teacher
+
+    parts = rd.path / "annotate_parts"
+    parts.mkdir(exist_ok=True)
+    model = tok = None
+    out: list = []
+    with tqdm(total=len(pool), desc="annotate", unit="row", dynamic_ncols=True) as bar:
+        for k in range(0, len(pool), ANNOTATE_CHUNK):
+            part = parts / f"part-{k // ANNOTATE_CHUNK:05d}.json"
+            if part.is_file():
+                anns = [Annotation(**a) for a in json.loads(part.read_text())]
+                bar.update(len(anns))
+            else:
+                if model is None:
+                    model, tok = load_teacher(export_dir)
+                anns = annotate_rows(model, tok, task, pool[k : k + ANNOTATE_CHUNK], cfg.annotate.batch_size,
+                                     on_batch=bar.update)
+                tmp = part.with_suffix(".tmp")
+                tmp.write_text(json.dumps([a.__dict__ for a in anns]))
+                os.replace(tmp, part)
+            out += anns
+    return out
 
 
 def _pool_rows(cfg: FinetuneConfig, task) -> list[dict]:
@@ -103,18 +135,32 @@ def _pool_rows(cfg: FinetuneConfig, task) -> list[dict]:
 
 
 def _generate_step(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> dict:
-    from s3ray.finetune.annotate import load_teacher
+    """New pairs from the teacher pool serving `export_dir` (`serve:`); its answers are cached in the run
+    directory, so a resumed step sends only the requests not answered yet."""
+    import ray
+
     from s3ray.finetune.generate import generate_rows, generation_jobs
+    from s3ray.pipeline.s3 import needs_staging
+    from s3ray.runtime import init_ray
+    from s3ray.teacher.teacher import make_teacher
 
     task, rows = _task_and_rows(cfg, "train", cfg.data.train, cfg.data.train_size)
     contexts = _pool_rows(cfg, task) if cfg.data.pool and task.type != "classification" else rows
-    model, tok = load_teacher(export_dir)
     g = cfg.generate
     jobs = generation_jobs(task, contexts, g.per_label, cfg.run.seed)
-    new, dropped = generate_rows(model, tok, task, jobs, g.temperature, g.top_p, g.max_tokens, cfg.run.seed,
-                                  g.batch_size)
+    if not ray.is_initialized():
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    needs_staging(str(rd.path), remote=False)  # several nodes: every replica must see the export
+    as_is = cfg.training.method == "none" and cfg.model.path.startswith("embedded:")
+    with make_teacher(cfg.serve.teacher(export_dir), export_dir, run_seed=cfg.run.seed,
+                      cache_path=rd.path / "teacher_cache.sqlite",
+                      node_model_path=cfg.model.path if as_is else None) as teacher:
+        new, dropped = generate_rows(teacher, task, jobs, g.temperature, g.top_p, g.max_tokens, cfg.run.seed)
+        stats = teacher.stats()
     path = rd.write_parquet("generated.parquet", pa.Table.from_pylist(new)) if new else None
-    return {"requested": len(jobs), "kept": len(new), "dropped": dict(dropped), "rows": path}
+    return {"requested": len(jobs), "kept": len(new), "dropped": dict(dropped), "rows": path,
+            "teacher": {"cached": stats.cached, "sent": stats.sent, "prompt_tokens": stats.prompt_tokens,
+                        "output_tokens": stats.output_tokens, "seconds": round(stats.seconds, 2)}}
 
 
 def _student_step(cfg: FinetuneConfig, rd: RunDir, rows_path: str | None) -> dict:
@@ -158,6 +204,15 @@ def preflight(cfg: FinetuneConfig) -> None:
         raise ConfigError("data.train: the labelled rows to fine-tune on (or, with mode=none, to train the "
                           "student on) are required")
     task, _ = _task_and_rows(cfg, "train", cfg.data.train, cfg.data.train_size)
+    if cfg.mode == "generate" and cfg.training.method == "none":
+        from transformers import AutoTokenizer
+
+        from s3ray.finetune.formats import has_chat_template
+
+        if not has_chat_template(AutoTokenizer.from_pretrained(model_dir(cfg), trust_remote_code=False)):
+            raise ConfigError(f"mode=generate serves model.path ({cfg.model.path}) as is, and its tokenizer has no "
+                              "chat template for the teacher pool's prompts: fine-tune it first (the export "
+                              "carries the layout it was trained on) or use an instruction-tuned model")
     if cfg.mode == "annotate":
         if not cfg.data.pool:
             raise ConfigError("mode=annotate needs data.pool (the unlabelled rows to label)")
