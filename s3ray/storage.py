@@ -321,10 +321,15 @@ def _probe_nodes(nodes: list[dict], uri: str, token: str, timeout_s: float) -> l
     return answers
 
 
-def check_visible_from_all_nodes(uri: str, timeout_s: float = 120.0) -> None:
+SHARED_STORAGE_FIX = ("set run.output_dir to a shared filesystem mounted at the same path on every node "
+                      "(NFS, EFS, Filestore), or to an object store URI such as s3://BUCKET/runs/NAME "
+                      "(S3-compatible servers: set S3RAY_S3_ENDPOINT).")
+
+
+def check_visible_from_all_nodes(uri: str, timeout_s: float = 120.0, fix: str = SHARED_STORAGE_FIX) -> None:
     """Prove every alive Ray node reads and writes the same storage at `uri`: the driver writes a marker, a
     task pinned to each node reads it and writes one back, and the driver reads those back.
-    Raises StorageError naming the nodes that cannot see it. Ray must be initialised."""
+    Raises StorageError naming the nodes that cannot see it, and `fix`. Ray must be initialised."""
     import ray  # lazy: storage is also used without Ray (reports, local runs)
 
     token = uuid.uuid4().hex
@@ -344,7 +349,5 @@ def check_visible_from_all_nodes(uri: str, timeout_s: float = 120.0) -> None:
         raise StorageError(
             f"run.output_dir {uri} is not the same storage on every Ray node; {len(bad)} of {len(nodes)} "
             f"node(s) cannot see what the driver wrote there:\n  " + "\n  ".join(bad.values()) +
-            "\nFix: set run.output_dir to a shared filesystem mounted at the same path on every node "
-            "(NFS, EFS, Filestore), or to an object store URI such as s3://BUCKET/runs/NAME "
-            "(S3-compatible servers: set S3RAY_S3_ENDPOINT)."
+            "\nFix: " + fix
         )

@@ -130,6 +130,8 @@ def test_config_errors_name_the_field():
                                    "training": {"zero_stage": 2, "offload_params": True}})
     with pytest.raises(ConfigError, match="model.path"):
         finetune_config_from_dict({"model": {}})
+    with pytest.raises(ConfigError, match="run.output_dir: 's3://b/ft': a fine-tune writes .* filesystem path"):
+        finetune_config_from_dict({"model": {"preset": "gpt-neox-20b"}, "run": {"output_dir": "s3://b/ft"}})
 
 
 def test_cli_plan_prints_plan_and_deepspeed_config():

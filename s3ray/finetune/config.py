@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from s3ray.config import ConfigError, RayConfig, StudentConfig, TaskConfig, parse_overrides
 from s3ray.config.schema import TeacherConfig, TransformersConfig, VLLMConfig
@@ -26,6 +26,17 @@ class FtRunConfig(_Strict):
     name: str = Field("teacher-finetune", description="Run name, used in the report.")
     output_dir: str = Field("runs/teacher-finetune", description="Run directory: checkpoints, export, rows.")
     seed: int = Field(0, description="Seed for shuffling, initialisation of adapters and sampling.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_filesystem_path(cls, v: str) -> str:
+        from s3ray.storage import is_local
+
+        if not is_local(v):
+            raise ValueError(f"{v!r}: a fine-tune writes its checkpoints and export to a filesystem path; on "
+                             "several nodes give a shared mount that every node sees at the same path (object "
+                             "storage is for `s3ray run` and `s3ray generate`)")
+        return v
 
 
 class FtModelConfig(_Strict):

@@ -71,7 +71,8 @@ def finetune_teacher(
     from transformers import AutoTokenizer
 
     from s3ray.finetune.worker import train_loop
-    from s3ray.runtime import init_ray
+    from s3ray.runtime import alive_nodes, init_ray
+    from s3ray.storage import check_visible_from_all_nodes
 
     check_can_train(cfg)
     plan, text = require_fit(cfg)
@@ -90,6 +91,9 @@ def finetune_teacher(
         log.warning("%d of %d examples dropped: completion longer than training.seq_len", dropped, len(encoded))
     if not ray.is_initialized():
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    if len(alive_nodes()) > 1:  # workers on other nodes write checkpoints here: it must be a shared mount
+        check_visible_from_all_nodes(str(out_dir), fix="set run.output_dir to a shared filesystem mounted at the "
+                                     "same path on every node (NFS, EFS, Filestore).")
     workers = cfg.workers
     threads = _threads(workers)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
