@@ -36,7 +36,8 @@ this file); the recipe is described in [finetune.md](finetune.md). Per task, the
 teacher is either **fine-tuned** (LoRA r=16, merged; 125 labelled train rows, both directions: input -> label
 and label -> input) or **prompted** as is (`training.method=none`, the same zero-shot prompts). Each teacher
 **annotates** the pool (label = argmax of the label completions' summed log-probabilities, kept when the softmax
-over them is >= the threshold) or **generates** rows from the same generation prompts. The MiniLM student
+over them is >= the threshold) or **generates** rows from the same generation prompts (served by the teacher
+pool: 2 single-thread vLLM CPU replicas, temperature 0.9, top-p 0.95, a seed per request). The MiniLM student
 (`embedded:all-minilm-l6-v2`, the same settings in every arm; epoch picked on the validation set) trains on each
 row set, and on the 125 gold rows alone (gold-125), and is evaluated once on the test set. Agreement is with the
 pool's hidden gold labels; "kept" is agreement among the rows above the threshold.
@@ -181,7 +182,7 @@ def write_report(results: dict, meta: dict, md: Path) -> None:
     lines = [
         "# Fine-tuned vs prompted teacher: the measured experiment (issue #13)\n",
         INTRO,
-        (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, shared with other jobs (load average "
+        (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB (load average "
          f"{m['load_average']} at the start, {meta.get('load_average_end')} at the end); torch {m['torch']}, "
          f"transformers {m['transformers']}, commit {m['commit']}.\n"),
         f"Command: `{meta['command']}` (total {meta.get('total_seconds', 0):.0f} s in this invocation).\n",

@@ -115,13 +115,14 @@ def test_annotation_labels_the_pool_with_agreement_and_coverage(zero3):
 
 
 def test_an_interrupted_annotation_scores_only_the_chunks_not_saved(zero3, tmp_path, monkeypatch):
+    """Two Scorer actors label the pool chunk by chunk; a rerun after a death scores only the missing part."""
     monkeypatch.setattr("s3ray.finetune.recipe.ANNOTATE_CHUNK", 10)  # 24 pool rows: parts of 10, 10 and 4
     cfg = zero3[0].model_copy(deep=True)
     cfg.training.method, cfg.student = "none", None
     cfg.model.path = zero3[2]["steps"]["finetune"]["export_dir"]
-    cfg.run.output_dir = str(tmp_path / "ann")
+    cfg.run.output_dir, cfg.serve.replicas = str(tmp_path / "ann"), 2
     first = run_recipe(cfg)["steps"]["annotate"]
-    parts = sorted((tmp_path / "ann" / "annotate_parts").glob("part-*.json"))
+    parts = sorted((tmp_path / "ann" / "annotate_parts").glob("rows-*.json"))
     assert [len(json.loads(p.read_text())) for p in parts] == [10, 10, 4]
     manifest = tmp_path / "ann" / "manifest.json"
     m = json.loads(manifest.read_text())
@@ -129,16 +130,11 @@ def test_an_interrupted_annotation_scores_only_the_chunks_not_saved(zero3, tmp_p
     manifest.write_text(json.dumps(m))
     parts[-1].unlink()
     kept_parts = {p: p.stat().st_mtime_ns for p in parts[:-1]}
-    scored = []
-
-    def counting(model, tok, task, rows, *args, **kwargs):
-        scored.append(len(rows))
-        return annotate_rows(model, tok, task, rows, *args, **kwargs)
-
-    monkeypatch.setattr("s3ray.finetune.annotate.annotate_rows", counting)
     again = run_recipe(cfg, resume=True)["steps"]["annotate"]
-    assert scored == [4] and all(p.stat().st_mtime_ns == t for p, t in kept_parts.items())
-    assert {k: v for k, v in again.items() if k != "rows"} == {k: v for k, v in first.items() if k != "rows"}
+    assert first["chunks"] == {"scored": 3, "reused": 0} and again["chunks"] == {"scored": 1, "reused": 2}
+    assert all(p.stat().st_mtime_ns == t for p, t in kept_parts.items())
+    same = lambda rep: {k: v for k, v in rep.items() if k not in ("rows", "chunks")}
+    assert same(again) == same(first)
     assert pq.read_table(again["rows"]).to_pylist() == pq.read_table(first["rows"]).to_pylist()
 
 

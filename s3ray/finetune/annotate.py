@@ -4,15 +4,16 @@ For every row and every label, the teacher scores the label's completion (the la
 marker, exactly as trained) after the annotation prompt; the row's label is the argmax of those summed
 log-probabilities and its confidence the softmax over them. Rows at or above `threshold` are kept. Where
 the pool has gold labels the report gives agreement with them, overall and among the kept rows, and the
-coverage at the threshold. Scoring uses transformers in this process (a teacher-forced forward pass per
-row, its cache reused for every label); vLLM's prompt log-probs would do the same on a served teacher.
+coverage at the threshold. Scoring is a teacher-forced transformers forward pass per row, its KV cache reused
+for every label; the recipe runs it in `serve.replicas` Ray actors (`Scorer`), each on its GPUs or CPU threads,
+so the driver never loads the teacher.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from s3ray.finetune.formats import annotation_messages, completion_ids, prompt_ids
 from s3ray.tasks.base import Task
@@ -122,16 +123,39 @@ def annotated_rows(task: Task, rows: list[dict], anns: list[Annotation], thresho
 
 
 def load_teacher(folder: str):
-    """The exported teacher for scoring: bf16 on a GPU; fp32 on a CPU, where it is the fast path anyway."""
+    """The exported teacher for scoring: bf16 on the GPUs it was given (spread over several when it has
+    more than one); fp32 on a CPU, where it is the fast path anyway. `embedded:` names resolve on this node."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from s3ray.finetune.export import is_adapter
+    from s3ray.models import resolve_teacher
 
+    if folder.startswith("embedded:"):
+        folder = resolve_teacher(folder)
     if is_adapter(folder):
         raise ValueError(f"{folder} is a LoRA adapter; annotate with lora.export=merged")
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    gpu = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if gpu else torch.float32,
+    gpus = torch.cuda.device_count()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if gpus else torch.float32,
+                                                 device_map="auto" if gpus > 1 else None,
                                                  trust_remote_code=False).eval()
-    return (model.to("cuda") if gpu else model), tok
+    return (model.to("cuda") if gpus == 1 else model), tok
+
+
+class Scorer:
+    """One annotation replica: the teacher loaded once (in a Ray actor the recipe starts, on the GPUs or CPU
+    threads it reserved), labelling the chunks of the pool it is handed."""
+
+    def __init__(self, folder: str, task: Task, batch_size: int, threads: int | None = None) -> None:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.model, self.tokenizer = load_teacher(folder)
+        self.task, self.batch_size = task, batch_size
+
+    def score(self, start: int, rows: list[dict]) -> tuple[int, list[dict]]:
+        """(start, the rows' annotations as dicts): the chunk's offset comes back with its result."""
+        anns = annotate_rows(self.model, self.tokenizer, self.task, rows, self.batch_size)
+        return start, [asdict(a) for a in anns]

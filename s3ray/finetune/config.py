@@ -124,7 +124,9 @@ class FtGenerateConfig(_Strict):
 
 
 class FtServeConfig(_Strict):
-    """How mode=generate serves the teacher: the S3 loop's teacher pool, on the fine-tune's export."""
+    """How the fine-tune's export runs: mode=generate through the S3 loop's teacher pool (`engine`), mode=annotate
+    in `replicas` Ray actors scoring with transformers, each on `tensor_parallel_size` GPUs or
+    `cpus_per_replica` CPU threads."""
 
     engine: Literal["vllm", "transformers"] = Field("vllm", description="vllm (CUDA or CPU build) | transformers.")
     replicas: int = Field(1, ge=1, description="Teacher replicas (Ray actors), each one engine.")
@@ -157,9 +159,9 @@ class FinetuneConfig(_Strict):
                                                           "data.pool, write new pairs, or nothing.")
     annotate: FtAnnotateConfig = Field(default_factory=FtAnnotateConfig)
     generate: FtGenerateConfig = Field(default_factory=FtGenerateConfig)
-    serve: FtServeConfig = Field(default_factory=FtServeConfig, description="The teacher pool that serves the "
-                                 "result for mode=generate (requests cached in the run directory: a resumed "
-                                 "run sends only what is missing).")
+    serve: FtServeConfig = Field(default_factory=FtServeConfig, description="How the result runs: mode=generate "
+                                 "samples from the teacher pool (requests cached in the run directory: a resumed "
+                                 "run sends only what is missing); mode=annotate scores in as many Ray actors.")
     student: StudentConfig | None = Field(None, description="Train this student on the annotated/generated "
                                           "rows (mode=none: on data.train itself, the gold-only baseline; "
                                           "s3ray.student.train_student). None: no student step.")

@@ -25,7 +25,7 @@ from s3ray.finetune.config import (
 from s3ray.pipeline.rundir import RunDir
 from s3ray.tasks import make_task
 
-ANNOTATE_CHUNK = 1024  # pool rows scored between two saved parts of the annotate step
+ANNOTATE_CHUNK = 256  # pool rows per Scorer call: one saved part of the annotate step
 
 log = logging.getLogger("s3ray.finetune")
 
@@ -85,41 +85,77 @@ def _annotate_step(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> dict:
         raise ConfigError("mode=annotate needs data.pool (the unlabelled rows to label)")
     task, _ = _task_and_rows(cfg, "train", None, None)
     pool = _pool_rows(cfg, task)
-    anns = _annotations(cfg, rd, task, pool, export_dir)
-    rep = annotation_report(task, pool, anns, cfg.annotate.threshold)
+    anns, chunks = _annotations(cfg, rd, task, pool, export_dir)
+    rep = {**annotation_report(task, pool, anns, cfg.annotate.threshold), "chunks": chunks}
     kept = annotated_rows(task, pool, anns, cfg.annotate.threshold)
     rep["rows"] = rd.write_parquet("annotated.parquet", pa.Table.from_pylist(kept)) if kept else None
     return rep
 
 
-def _annotations(cfg: FinetuneConfig, rd: RunDir, task, pool: list[dict], export_dir: str) -> list:
-    """The teacher's annotation of every pool row, scored ANNOTATE_CHUNK rows at a time. Each finished chunk
-    is written to annotate_parts/ at once, so a resumed step scores only the chunks not written yet (scoring
-    is deterministic: the result equals an uninterrupted run's)."""
+def _annotations(cfg: FinetuneConfig, rd: RunDir, task, pool: list[dict], export_dir: str) -> tuple[list, dict]:
+    """The teacher's annotation of every pool row, and how many chunks were scored now and reused. The pool
+    is scored ANNOTATE_CHUNK rows at a time by `serve.replicas` Scorer actors; each finished chunk is written
+    to annotate_parts/ at once, so a resumed step scores only the chunks not written yet (scoring is
+    deterministic: the result equals an uninterrupted run's)."""
     from tqdm.auto import tqdm
 
-    from s3ray.finetune.annotate import Annotation, annotate_rows, load_teacher
+    from s3ray.finetune.annotate import Annotation
 
     parts = rd.path / "annotate_parts"
     parts.mkdir(exist_ok=True)
-    model = tok = None
-    out: list = []
+    starts = range(0, len(pool), ANNOTATE_CHUNK)
+    # Named by row range: a part written with another chunk size is never mistaken for one of these.
+    part = {k: parts / f"rows-{k:08d}-{min(k + ANNOTATE_CHUNK, len(pool)):08d}.json" for k in starts}
+    todo = [k for k in starts if not part[k].is_file()]
     with tqdm(total=len(pool), desc="annotate", unit="row", dynamic_ncols=True) as bar:
-        for k in range(0, len(pool), ANNOTATE_CHUNK):
-            part = parts / f"part-{k // ANNOTATE_CHUNK:05d}.json"
-            if part.is_file():
-                anns = [Annotation(**a) for a in json.loads(part.read_text())]
-                bar.update(len(anns))
-            else:
-                if model is None:
-                    model, tok = load_teacher(export_dir)
-                anns = annotate_rows(model, tok, task, pool[k : k + ANNOTATE_CHUNK], cfg.annotate.batch_size,
-                                     on_batch=bar.update)
-                tmp = part.with_suffix(".tmp")
-                tmp.write_text(json.dumps([a.__dict__ for a in anns]))
-                os.replace(tmp, part)
-            out += anns
-    return out
+        bar.update(len(pool) - sum(len(pool[k : k + ANNOTATE_CHUNK]) for k in todo))
+        for k, anns in _score_on_replicas(cfg, rd, task, pool, todo, export_dir):
+            tmp = part[k].with_suffix(".tmp")
+            tmp.write_text(json.dumps(anns))
+            os.replace(tmp, part[k])
+            bar.update(len(anns))
+    out = [Annotation(**a) for k in starts for a in json.loads(part[k].read_text())]
+    return out, {"scored": len(todo), "reused": len(starts) - len(todo)}
+
+
+def _score_on_replicas(cfg: FinetuneConfig, rd: RunDir, task, pool: list[dict], todo: list[int], export_dir: str):
+    """(chunk start, annotations) for every chunk in `todo`, as the Scorer actors finish them."""
+    if not todo:
+        return
+    import ray
+    from ray.util import ActorPool
+
+    from s3ray.finetune.annotate import Scorer
+
+    model = _served_model(cfg, rd, export_dir)
+    s = cfg.serve
+    gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    actor = ray.remote(Scorer).options(num_cpus=s.cpus_per_replica, num_gpus=s.tensor_parallel_size if gpu else 0,
+                                       resources=s.resources or None, max_restarts=0)
+    threads = None if gpu else max(1, int(s.cpus_per_replica))
+    actors = [actor.remote(model, task, cfg.annotate.batch_size, threads) for _ in range(min(s.replicas, len(todo)))]
+    try:
+        yield from ActorPool(actors).map_unordered(
+            lambda a, k: a.score.remote(k, pool[k : k + ANNOTATE_CHUNK]), todo)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def _served_model(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> str:
+    """What replicas load: an embedded teacher used as is by name (each node resolves its own copy), else the
+    export. Starts Ray if needed; on several nodes, first proves every node sees the run directory."""
+    import ray
+
+    from s3ray.pipeline.s3 import needs_staging
+    from s3ray.runtime import init_ray
+
+    if not ray.is_initialized():
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    if cfg.training.method == "none" and cfg.model.path.startswith("embedded:"):
+        return cfg.model.path
+    needs_staging(str(rd.path), remote=False)  # several nodes: the export must be on a shared mount
+    return export_dir
 
 
 def _pool_rows(cfg: FinetuneConfig, task) -> list[dict]:
@@ -137,24 +173,16 @@ def _pool_rows(cfg: FinetuneConfig, task) -> list[dict]:
 def _generate_step(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> dict:
     """New pairs from the teacher pool serving `export_dir` (`serve:`); its answers are cached in the run
     directory, so a resumed step sends only the requests not answered yet."""
-    import ray
-
     from s3ray.finetune.generate import generate_rows, generation_jobs
-    from s3ray.pipeline.s3 import needs_staging
-    from s3ray.runtime import init_ray
     from s3ray.teacher.teacher import make_teacher
 
     task, rows = _task_and_rows(cfg, "train", cfg.data.train, cfg.data.train_size)
     contexts = _pool_rows(cfg, task) if cfg.data.pool and task.type != "classification" else rows
     g = cfg.generate
     jobs = generation_jobs(task, contexts, g.per_label, cfg.run.seed)
-    if not ray.is_initialized():
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    needs_staging(str(rd.path), remote=False)  # several nodes: every replica must see the export
-    as_is = cfg.training.method == "none" and cfg.model.path.startswith("embedded:")
     with make_teacher(cfg.serve.teacher(export_dir), export_dir, run_seed=cfg.run.seed,
                       cache_path=rd.path / "teacher_cache.sqlite",
-                      node_model_path=cfg.model.path if as_is else None) as teacher:
+                      node_model_path=_served_model(cfg, rd, export_dir)) as teacher:
         new, dropped = generate_rows(teacher, task, jobs, g.temperature, g.top_p, g.max_tokens, cfg.run.seed)
         stats = teacher.stats()
     path = rd.write_parquet("generated.parquet", pa.Table.from_pylist(new)) if new else None
