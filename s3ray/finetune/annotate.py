@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from s3ray.finetune.formats import annotation_messages, completion_ids, prompt_ids
 from s3ray.tasks.base import Task
@@ -122,7 +123,7 @@ def annotated_rows(task: Task, rows: list[dict], anns: list[Annotation], thresho
     return out
 
 
-def load_teacher(folder: str):
+def load_teacher(folder: str | Path):
     """The exported teacher for scoring: bf16 on the GPUs it was given (spread over several when it has
     more than one); fp32 on a CPU, where it is the fast path anyway. `embedded:` names resolve on this node."""
     import torch
@@ -131,6 +132,7 @@ def load_teacher(folder: str):
     from s3ray.finetune.export import is_adapter
     from s3ray.models import resolve_teacher
 
+    folder = str(folder)
     if folder.startswith("embedded:"):
         folder = resolve_teacher(folder)
     if is_adapter(folder):
