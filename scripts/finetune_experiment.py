@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -26,10 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CONFIGS = {"sst2": "configs/finetune/sst2-smollm2-experiment.yaml",
            "rte": "configs/finetune/rte-smollm2-experiment.yaml"}
-ARMS = ["ft-annotate", "ft-generate", "prompted-annotate", "prompted-generate", "gold-125"]
+ARMS = ["ft-annotate", "ft-annotate-cal", "ft-generate", "prompted-annotate", "prompted-annotate-cal",
+        "prompted-generate", "gold-125"]
 # The cheap arms first (a problem in the student or report shows before the long fine-tune); ft-generate
 # needs ft-annotate's exported teacher.
-RUN_ORDER = ["gold-125", "prompted-annotate", "prompted-generate", "ft-annotate", "ft-generate"]
+RUN_ORDER = ["gold-125", "prompted-annotate", "prompted-annotate-cal", "prompted-generate", "ft-annotate",
+             "ft-annotate-cal", "ft-generate"]
+CAL = "annotate.calibrate=pool_mean"
 AS_IS = "training.method=none"
 INTRO = """Written by `scripts/finetune_experiment.py` (every number also in `finetune-experiment.json` beside
 this file); the recipe is described in [finetune.md](finetune.md). Per task, the embedded SmolLM2-135M-Instruct
@@ -40,7 +44,10 @@ over them is >= the threshold) or **generates** rows from the same generation pr
 pool: 2 single-thread vLLM CPU replicas, temperature 0.9, top-p 0.95, a seed per request). The MiniLM student
 (`embedded:all-minilm-l6-v2`, the same settings in every arm; epoch picked on the validation set) trains on each
 row set, and on the 125 gold rows alone (gold-125), and is evaluated once on the test set. Agreement is with the
-pool's hidden gold labels; "kept" is agreement among the rows above the threshold.
+pool's hidden gold labels; "kept" is agreement among the rows above the threshold. The **-cal** arms are the
+same teacher's annotations with pool-mean calibration (`annotate.calibrate=pool_mean`: each label's mean
+log-probability over the pool is subtracted before the argmax and the threshold); they reuse the uncalibrated
+arm's saved scores where it has them.
 """
 
 
@@ -48,8 +55,10 @@ def arm_overrides(arm: str, task_dir: Path) -> list[str]:
     """The overrides that turn the task's config (the ft-annotate arm) into `arm`."""
     return {
         "ft-annotate": [],
+        "ft-annotate-cal": [AS_IS, f"model.path={task_dir / 'ft-annotate' / 'export'}", CAL],
         "ft-generate": [AS_IS, f"model.path={task_dir / 'ft-annotate' / 'export'}", "mode=generate"],
         "prompted-annotate": [AS_IS, "mode=annotate"],
+        "prompted-annotate-cal": [AS_IS, "mode=annotate", CAL],
         "prompted-generate": [AS_IS, "mode=generate"],
         "gold-125": [AS_IS, "mode=none"],
     }[arm]
@@ -87,6 +96,11 @@ def run_arm(task: str, arm: str, out: Path, sizes: list[str], collect_only: bool
         return _collect(run_dir, cmd.split(" --set data.pool_size=")[0].split(" --set generate.per_label=")[0])
     if collect_only:
         return {"command": cmd, "unfinished": "not run to the end yet: rerun the command (it resumes)"}
+    donor = out / task / arm.removesuffix("-cal") / "annotate_parts"
+    if arm.endswith("-cal") and donor.is_dir() and not (run_dir / "annotate_parts").exists():
+        # The same teacher scoring the same pool in the same chunks: the calibrated arm reuses those scores.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(donor, run_dir / "annotate_parts")
     t0 = time.perf_counter()
     run_recipe(load_finetune_config(REPO / CONFIGS[task], sets), resume=True)
     print(f"{task}/{arm}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -101,7 +115,7 @@ def finished(run_dir: Path, arm: str) -> bool:
 
 
 def _expected_steps(arm: str) -> list[str]:
-    made = {"gold-125": []}.get(arm, ["annotate" if arm.endswith("annotate") else "generate"])
+    made = {"gold-125": []}.get(arm, ["annotate" if "annotate" in arm else "generate"])
     return ["finetune", *made, "student"]
 
 

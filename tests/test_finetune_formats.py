@@ -173,3 +173,25 @@ def test_cached_label_scoring_equals_scoring_each_whole_sequence(kind, tiny_teac
             whole = float(sum(logp[len(p) - 1 + k, t] for k, t in enumerate(c)))
             assert a.logprobs[lab] == pytest.approx(whole, abs=1e-3)
         assert a.label == max(a.logprobs, key=a.logprobs.get) and 0.5 <= a.confidence <= 1
+
+
+def test_pool_mean_calibration_removes_a_label_bias_shared_by_every_row():
+    """A teacher that favours "positive" for every row by about 2 nats, more for some rows than for others:
+    raw argmax says positive everywhere; calibrated, the rows it favours positive less than usual turn
+    negative, the order of rows by margin is kept, and the raw log-probabilities stay."""
+    from s3ray.finetune.annotate import Annotation, _from_logprobs, annotation_report, calibrated
+
+    margins = [0.5, 1.0, 1.5, 2.5, 3.0, 3.5]  # positive minus negative
+    raw = [Annotation(*_from_logprobs(lp), lp) for lp in ({"negative": -3.0, "positive": -3.0 + m} for m in margins)]
+    assert {a.label for a in raw} == {"positive"}
+    cal, prior = calibrated(raw)
+    assert prior == {"negative": -3.0, "positive": -3.0 + sum(margins) / len(margins)}
+    assert [a.label for a in cal] == ["negative"] * 3 + ["positive"] * 3
+    assert [a.logprobs for a in cal] == [a.logprobs for a in raw]
+    conf = [a.confidence if a.label == "positive" else 1 - a.confidence for a in cal]
+    assert conf == sorted(conf) and all(0.5 <= a.confidence <= 1 for a in cal)
+    task, _ = _task("classification")
+    rows = [{"text": str(m), "label": "negative" if m < 2 else "positive"} for m in margins]
+    assert annotation_report(task, rows, cal, 0.5)["agreement"] == 1.0
+    assert annotation_report(task, rows, raw, 0.5)["agreement"] == 0.5
+    assert calibrated([]) == ([], {})

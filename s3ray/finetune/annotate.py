@@ -91,12 +91,29 @@ def annotate_rows(model, tokenizer, task: Task, rows: list[dict], batch_size: in
         comps = [[completion_ids(tokenizer, m, lab) for lab in task.labels] for m in msgs]
         for scores in score_batch(model, prompts, comps, pad):
             lp = dict(zip(task.labels, scores))
-            top = max(lp.values())
-            z = sum(math.exp(v - top) for v in lp.values())
-            out.append(Annotation(max(lp, key=lp.get), 1.0 / z, lp))  # exp(top - top) / z
+            out.append(Annotation(*_from_logprobs(lp), lp))
         if on_batch is not None:
             on_batch(len(msgs))
     return out
+
+
+def _from_logprobs(lp: dict) -> tuple[str, float]:
+    """The argmax label and its softmax probability over the labels."""
+    top = max(lp.values())
+    return max(lp, key=lp.get), 1.0 / sum(math.exp(v - top) for v in lp.values())  # exp(top - top) / z
+
+
+def calibrated(anns: list[Annotation]) -> tuple[list[Annotation], dict]:
+    """The annotations with each label's mean log-probability over the pool subtracted before the argmax and
+    softmax, and those means. A small teacher's prompt (or its fine-tune) often favours one label for every
+    row; the pool mean estimates that prior (as contextual calibration does with a content-free input, Zhao
+    et al. 2021), so what is left ranks rows by how much more than usual they look like each label. The raw
+    log-probabilities are kept."""
+    if not anns:
+        return [], {}
+    mean = {lab: sum(a.logprobs[lab] for a in anns) / len(anns) for lab in anns[0].logprobs}
+    out = [Annotation(*_from_logprobs({k: v - mean[k] for k, v in a.logprobs.items()}), a.logprobs) for a in anns]
+    return out, mean
 
 
 def annotation_report(task: Task, rows: list[dict], anns: list[Annotation], threshold: float) -> dict:

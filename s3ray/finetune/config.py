@@ -114,6 +114,10 @@ class FtAnnotateConfig(_Strict):
     threshold: float = Field(0.7, ge=0, le=1, description="Keep a label when its probability (softmax over "
                              "the label words' log-probabilities) is at least this.")
     batch_size: int = Field(16, ge=1, description="Prompts per scoring batch.")
+    calibrate: Literal["none", "pool_mean"] = Field(
+        "none", description="none: the teacher's label probabilities as they are (the paper). pool_mean: each "
+        "label's mean log-probability over the pool is subtracted first, removing a bias toward one label that "
+        "the prompt or fine-tune gave every row (contextual calibration); the threshold then applies to that.")
 
 
 class FtGenerateConfig(_Strict):

@@ -79,14 +79,18 @@ def _finetune_step(cfg: FinetuneConfig, rd: RunDir, resume: bool) -> dict:
 
 
 def _annotate_step(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> dict:
-    from s3ray.finetune.annotate import annotated_rows, annotation_report
+    from s3ray.finetune.annotate import annotated_rows, annotation_report, calibrated
 
     if not cfg.data.pool:
         raise ConfigError("mode=annotate needs data.pool (the unlabelled rows to label)")
     task, _ = _task_and_rows(cfg, "train", None, None)
     pool = _pool_rows(cfg, task)
     anns, chunks = _annotations(cfg, rd, task, pool, export_dir)
-    rep = {**annotation_report(task, pool, anns, cfg.annotate.threshold), "chunks": chunks}
+    prior = None
+    if cfg.annotate.calibrate == "pool_mean":
+        anns, prior = calibrated(anns)
+    rep = {**annotation_report(task, pool, anns, cfg.annotate.threshold), "chunks": chunks,
+           "calibrate": cfg.annotate.calibrate, "label_prior_logprob": prior}
     kept = annotated_rows(task, pool, anns, cfg.annotate.threshold)
     rep["rows"] = rd.write_parquet("annotated.parquet", pa.Table.from_pylist(kept)) if kept else None
     return rep
