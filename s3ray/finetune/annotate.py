@@ -12,7 +12,6 @@ so the driver never loads the teacher.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,10 +76,8 @@ def score_batch(model, prompts: list[list[int]], completions: list[list[list[int
     return out
 
 
-def annotate_rows(model, tokenizer, task: Task, rows: list[dict], batch_size: int = 16,
-                  on_batch: Callable[[int], object] | None = None) -> list[Annotation]:
-    """The teacher's label for every row (rows need the task's input fields, not a label). `on_batch(n)`
-    after every scored batch of n rows (a progress bar)."""
+def annotate_rows(model, tokenizer, task: Task, rows: list[dict], batch_size: int = 16) -> list[Annotation]:
+    """The teacher's label for every row (rows need the task's input fields, not a label)."""
     if not task.labels:
         raise ValueError(f"annotation needs labels; task type {task.type!r} has none (use mode=generate)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -92,8 +89,6 @@ def annotate_rows(model, tokenizer, task: Task, rows: list[dict], batch_size: in
         for scores in score_batch(model, prompts, comps, pad):
             lp = dict(zip(task.labels, scores))
             out.append(Annotation(*_from_logprobs(lp), lp))
-        if on_batch is not None:
-            on_batch(len(msgs))
     return out
 
 
