@@ -72,3 +72,15 @@ def test_the_ablation_counts_tokens_until_a_round_reaches_the_target():
     rounds = [{**r, "test": {**r["test"], "std": 0.01}} for r in rounds]
     md = ablation.table({"sst2": {"plain": {"rounds": rounds}}})
     assert "| plain | 60.00 ± 1.00 | 75.00 ± 1.00 | 72.00 ± 1.00 | 150 |" in md
+
+
+def test_resume_continues_the_seeds_that_started_and_starts_the_others(tmp_path):
+    from s3ray.pipeline.sweep import seed_resumes
+
+    started, copied, absent = tmp_path / "seed0", tmp_path / "seed1", tmp_path / "seed2"
+    started.mkdir()
+    (started / "manifest.json").write_text("{}")
+    copied.mkdir()  # scripts/ablation.py puts a sibling variant's teacher cache here before the run starts
+    (copied / "teacher_cache.sqlite").write_bytes(b"")
+    assert [seed_resumes(str(d), True) for d in (started, copied, absent)] == [True, False, False]
+    assert not any(seed_resumes(str(d), False) for d in (started, copied, absent))

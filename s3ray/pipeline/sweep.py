@@ -13,6 +13,7 @@ import logging
 import statistics
 from pathlib import Path
 
+from s3ray import storage
 from s3ray.config import S3Config
 from s3ray.pipeline.s3 import prepare_inputs, run_s3
 
@@ -26,6 +27,12 @@ def seed_config(cfg: S3Config, seed: int) -> S3Config:
     return cfg.model_copy(update={"run": run})
 
 
+def seed_resumes(run_dir: str, resume: bool) -> bool:
+    """--resume continues the seeds that started and starts the others (a sweep stopped in seed 1 has no
+    seed 2 yet); without it every seed is a new run, and one already there is refused as usual."""
+    return resume and storage.exists(storage.join(run_dir, "manifest.json"))
+
+
 def run_sweep(cfg: S3Config, seeds: list[int], resume: bool = False) -> dict:
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"--seeds: give distinct seeds, e.g. 0,1,2 (got {seeds})")
@@ -33,7 +40,7 @@ def run_sweep(cfg: S3Config, seeds: list[int], resume: bool = False) -> dict:
         one = seed_config(cfg, seed)
         run_dir = Path(one.run.output_dir)
         log.info("== sweep: seed %d -> %s", seed, run_dir)
-        run_s3(one, resume=resume, inputs=prepare_inputs(one))
+        run_s3(one, resume=seed_resumes(one.run.output_dir, resume), inputs=prepare_inputs(one))
     return write_sweep_report(Path(cfg.run.output_dir), seeds)
 
 
