@@ -79,13 +79,13 @@ def _cmd_run(args) -> int:
     from s3ray import storage
     from s3ray.config import load_config
     from s3ray.pipeline.mirror import working_copy
-    from s3ray.pipeline.rundir import check_can_open
+    from s3ray.pipeline.rundir import check_can_open, holds_run
     from s3ray.pipeline.s3 import prepare_inputs, run_s3
 
     cfg = load_config(args.config, args.overrides)
     _check_stop_after(args.stop_after, cfg)
     out = cfg.run.output_dir  # a path, or an object store URI (s3://...)
-    resume = args.resume or (args.resume_if_exists and storage.exists(storage.join(out, "manifest.json")))
+    resume = args.resume or (args.resume_if_exists and holds_run(out))
     check_can_open(out, resume)
     _setup_logging(None, args.verbose)
     _check_cluster(cfg)

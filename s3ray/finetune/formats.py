@@ -5,7 +5,8 @@ Two directions (Kaddour & Liu 2024):
 - generation: the label (and the kept real context) -> the example: classification "write a <description>
   with label y" -> text; pair: text_a + label -> text_b; QA: paragraph + answer -> question.
 Prompts go through the tokenizer's chat template when it has one (as the teacher pool's engines do), else a
-plain "### Response:" layout written as a chat template (PLAIN_TEMPLATE), which the export carries. Prompt and completion are tokenised apart and concatenated, exactly as generation
+plain "### Response:" layout written as a chat template (PLAIN_TEMPLATE), which the export carries. Prompt
+and completion are tokenised apart and concatenated, exactly as generation
 sees them (prompt ids, then the model's continuation), and the loss covers the completion only (labels -100
 on the prompt). A completion ends with what the template appends after an assistant turn (or the EOS
 token), so the trained model stops after the label/example.

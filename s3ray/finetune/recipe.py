@@ -22,7 +22,7 @@ from s3ray.finetune.config import (
     model_dir,
     require_fit,
 )
-from s3ray.pipeline.rundir import RunDir
+from s3ray.pipeline.rundir import RunDir, holds_run
 from s3ray.tasks import make_task
 
 ANNOTATE_CHUNK = 256  # pool rows per Scorer call: one saved part of the annotate step
@@ -151,14 +151,14 @@ def _served_model(cfg: FinetuneConfig, rd: RunDir, export_dir: str) -> str:
     export. Starts Ray if needed; on several nodes, first proves every node sees the run directory."""
     import ray
 
-    from s3ray.pipeline.s3 import needs_staging
+    from s3ray.finetune.train import require_shared_output_dir
     from s3ray.runtime import init_ray
 
     if not ray.is_initialized():
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
     if cfg.training.method == "none" and cfg.model.path.startswith("embedded:"):
         return cfg.model.path
-    needs_staging(str(rd.path), remote=False)  # several nodes: the export must be on a shared mount
+    require_shared_output_dir(rd.path)  # replicas on other nodes load the export from it
     return export_dir
 
 
@@ -261,8 +261,8 @@ def run_recipe(cfg: FinetuneConfig, resume: bool = False) -> dict:
     """fine-tune -> annotate | generate -> report.json, each step skipped on --resume once recorded."""
     preflight(cfg)
     # A fine-tune stopped before the recipe recorded anything still resumes from its Ray Train checkpoints.
-    has_manifest = (Path(cfg.run.output_dir).expanduser() / "manifest.json").is_file()
-    rd = RunDir(cfg.run.output_dir, cfg.model_dump(), resume=resume and has_manifest)
+    started = holds_run(Path(cfg.run.output_dir).expanduser())
+    rd = RunDir(cfg.run.output_dir, cfg.model_dump(), resume=resume and started)
     steps = [("finetune", lambda: _finetune_step(cfg, rd, resume))]
     if cfg.mode == "annotate":
         steps.append(("annotate", lambda: _annotate_step(cfg, rd, rd.result("finetune")["export_dir"])))

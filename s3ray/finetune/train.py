@@ -56,6 +56,17 @@ def _threads(workers: int) -> int:
     return max(1, int(cap_to_local_cores(ray.available_resources().get("CPU", 1.0)) // workers))
 
 
+def require_shared_output_dir(out_dir: str | Path) -> None:
+    """On a cluster of several nodes, prove every node sees the fine-tune's run directory (checkpoints, export)
+    before anything runs there; one node needs nothing. Ray must be initialised."""
+    from s3ray.runtime import alive_nodes
+    from s3ray.storage import check_visible_from_all_nodes
+
+    if len(alive_nodes()) > 1:
+        check_visible_from_all_nodes(str(out_dir), fix="set run.output_dir to a shared filesystem mounted at the "
+                                     "same path on every node (NFS, EFS, Filestore).")
+
+
 def finetune_teacher(
     cfg: FinetuneConfig,
     rows: list[dict],
@@ -71,8 +82,7 @@ def finetune_teacher(
     from transformers import AutoTokenizer
 
     from s3ray.finetune.worker import train_loop
-    from s3ray.runtime import alive_nodes, init_ray
-    from s3ray.storage import check_visible_from_all_nodes
+    from s3ray.runtime import init_ray
 
     check_can_train(cfg)
     plan, text = require_fit(cfg)
@@ -91,9 +101,7 @@ def finetune_teacher(
         log.warning("%d of %d examples dropped: completion longer than training.seq_len", dropped, len(encoded))
     if not ray.is_initialized():
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    if len(alive_nodes()) > 1:  # workers on other nodes write checkpoints here: it must be a shared mount
-        check_visible_from_all_nodes(str(out_dir), fix="set run.output_dir to a shared filesystem mounted at the "
-                                     "same path on every node (NFS, EFS, Filestore).")
+    require_shared_output_dir(out_dir)  # workers on other nodes write checkpoints here
     workers = cfg.workers
     threads = _threads(workers)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

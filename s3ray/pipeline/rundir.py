@@ -117,9 +117,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def holds_run(path: str | Path) -> bool:
+    """Whether a run was started in `path` (a path or URI): it has a manifest."""
+    return storage.exists(storage.join(str(path), "manifest.json"))
+
+
 def check_can_open(path: str | Path, resume: bool) -> None:
     """Refuse a run dir (path or URI) that --resume/no --resume cannot use, before any expensive work starts."""
-    has_manifest = storage.exists(storage.join(str(path), "manifest.json"))
+    has_manifest = holds_run(path)
     if resume and not has_manifest:
         what = "does not exist" if not storage.exists(str(path)) else "holds no manifest.json (no run was started there)"
         raise RunDirError(f"cannot resume: {path} {what}; drop --resume to start a new run")

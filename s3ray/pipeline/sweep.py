@@ -13,8 +13,8 @@ import logging
 import statistics
 from pathlib import Path
 
-from s3ray import storage
 from s3ray.config import S3Config
+from s3ray.pipeline.rundir import holds_run
 from s3ray.pipeline.s3 import prepare_inputs, run_s3
 
 log = logging.getLogger("s3ray")
@@ -30,7 +30,7 @@ def seed_config(cfg: S3Config, seed: int) -> S3Config:
 def seed_resumes(run_dir: str, resume: bool) -> bool:
     """--resume continues the seeds that started and starts the others (a sweep stopped in seed 1 has no
     seed 2 yet); without it every seed is a new run, and one already there is refused as usual."""
-    return resume and storage.exists(storage.join(run_dir, "manifest.json"))
+    return resume and holds_run(run_dir)
 
 
 def run_sweep(cfg: S3Config, seeds: list[int], resume: bool = False) -> dict:
