@@ -243,3 +243,59 @@ def check_capacity(cfg: S3Config, students: bool = True, backend: str | None = N
     plan = plan_capacity(cfg, node_resources(), teacher_on_ray=teacher_on_ray, students=students)
     log.info("capacity: %s", "; ".join(plan.lines))
     return plan
+
+
+# --------------------------------------------------------------------------------- seeds side by side
+
+
+def seed_run_units(cfg: S3Config, use_gpu: bool, worker_cpus_each: int) -> tuple[list[Unit], list[Unit]]:
+    """One seed run's two peaks: its teacher replicas while its students train, and its teacher replicas while
+    it mines errors with one inference actor and a CPU for Ray Data's read and write tasks (a run never trains
+    and mines at once; without that CPU, runs whose actors hold every CPU would wait on each other forever)."""
+    teacher = [merged(replica_bundles(cfg.teacher, use_gpu))] * cfg.teacher.replicas
+    workers = 1 if cfg.student.kind == "embedding_head" else cfg.student.num_workers
+    return (teacher + [worker_unit(worker_cpus_each, cfg.student.use_gpu)] * workers,
+            teacher + [mining_unit(cfg.student.use_gpu), {"CPU": 1.0}])
+
+
+def copies_fit(cfg: S3Config, nodes: list[Node], copies: int, worker_cpus_each: int, cores: int | None) -> bool:
+    """Whether `copies` seed runs fit the nodes' free resources side by side, at both of a run's peaks.
+    `cores`: a one-node cluster's real cores, which cap its (possibly oversubscribed) CPUs."""
+    frees = _copies([n.free for n in nodes])
+    if cores is not None and len(frees) == 1:
+        frees[0]["CPU"] = min(frees[0].get("CPU", 0.0), float(cores))
+    use_gpu = teacher_uses_gpu(cfg.teacher, nodes)
+    for peak in seed_run_units(cfg, use_gpu, worker_cpus_each):
+        units = peak * copies
+        if place(units, _copies(frees)) < len(units):
+            return False
+    return True
+
+
+def seeds_side_by_side(cfg: S3Config, nodes: list[Node], n_seeds: int, asked: int | None = None,
+                       cores: int | None = None) -> tuple[int, int]:
+    """How many seed runs of `cfg` to run at once, and the CPUs per student worker each then gets.
+
+    `asked` None ("auto"): as many as fit the free resources (at least 1, at most `n_seeds`), judged on the
+    real `cores` of a one-node cluster, so a small box runs its seeds one after another. `asked` N: N at once,
+    or CapacityError naming the numbers when they do not fit. Each run's workers get the most CPUs (up to
+    `student.cpus_per_worker` when set) with which all the runs still fit.
+    """
+    setting = cfg.student.cpus_per_worker
+    cap = cores if asked is None else None  # asked for N: Ray's own accounting decides
+    if asked is None:
+        k = max([c for c in range(1, n_seeds + 1) if copies_fit(cfg, nodes, c, setting or 1, cap)], default=1)
+    else:
+        k = min(asked, n_seeds)
+        if k > 1 and not copies_fit(cfg, nodes, k, setting or 1, cap):
+            one = seed_run_units(cfg, teacher_uses_gpu(cfg.teacher, nodes), setting or 1)[0]
+            raise CapacityError(
+                f"capacity: {k} seed runs side by side each need {shape(merged(one))} at their peak, but the "
+                f"cluster's free resources do not hold {k} of them (free per node: {describe_nodes(nodes)}): "
+                "run fewer seeds at once (--parallel / run.parallel_seeds), or leave it at auto")
+    if k == 1:
+        return 1, 0  # 0: the run sizes its workers itself, as a run on its own does
+    cpus = setting or 1
+    while not setting and cpus < 256 and copies_fit(cfg, nodes, k, cpus + 1, cap):
+        cpus += 1
+    return k, cpus

@@ -77,12 +77,17 @@ def _check_cluster(cfg, students: bool = True, backend: str | None = None) -> li
 
 def _cmd_run(args) -> int:
     from s3ray import storage
-    from s3ray.config import load_config
+    from s3ray.config import ConfigError, load_config
     from s3ray.pipeline.mirror import working_copy
     from s3ray.pipeline.rundir import check_can_open, holds_run
     from s3ray.pipeline.s3 import prepare_inputs, run_s3
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.run.seeds:  # one run per seed and their spread: the sweep
+        if args.stop_after:
+            raise ConfigError("--stop-after: not with run.seeds (a sweep); run one seed with --set run.seeds=null")
+        print(f"run.seeds is set: running the sweep over seeds {cfg.run.seeds} (as `s3ray sweep`)")
+        return _sweep(cfg, cfg.run.seeds, args.resume or args.resume_if_exists, args.verbose)
     _check_stop_after(args.stop_after, cfg)
     out = cfg.run.output_dir  # a path, or an object store URI (s3://...)
     resume = args.resume or (args.resume_if_exists and holds_run(out))
@@ -122,17 +127,23 @@ def _cmd_generate(args) -> int:
 
 def _cmd_sweep(args) -> int:
     from s3ray.config import ConfigError, load_config
-    from s3ray.pipeline.sweep import run_sweep
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = args.overrides + ([f"run.parallel_seeds={args.parallel}"] if args.parallel else [])
+    cfg = load_config(args.config, overrides)
     try:
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else cfg.run.seeds
     except ValueError:
         raise ConfigError(f"--seeds: whole numbers separated by commas, e.g. 0,1,2 (got {args.seeds!r})") from None
     if not seeds:
         raise ConfigError("sweep: no seeds; pass --seeds 0,1,2 or set run.seeds: [0, 1, 2]")
-    _setup_logging(Path(cfg.run.output_dir) / "sweep.log", args.verbose)
-    agg = run_sweep(cfg, seeds, resume=args.resume)
+    return _sweep(cfg, seeds, args.resume, args.verbose)
+
+
+def _sweep(cfg, seeds: list[int], resume: bool, verbose: bool) -> int:
+    from s3ray.pipeline.sweep import run_sweep
+
+    _setup_logging(Path(cfg.run.output_dir) / "sweep.log", verbose)
+    agg = run_sweep(cfg, seeds, resume=resume)
     print(f"\nsweep report: {Path(cfg.run.output_dir) / 'sweep_report.md'}")
     for s in agg["students"]:
         t = s["test"]
@@ -232,11 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_cmd_generate)
 
     sw = sub.add_parser("sweep", help="run an S3 config once per seed and report mean ± std",
-                        description="One whole S3 run per seed in <run.output_dir>/seed<N> (one after another), "
-                        "then sweep_report.md/json with mean ± sample std per student and per round.")
+                        description="One whole S3 run per seed in <run.output_dir>/seed<N>, then "
+                        "sweep_report.md/json with mean ± sample std per student and per round. Seeds run side "
+                        "by side as Ray tasks where the cluster has room, else one after another.")
     _add_config_args(sw)
     sw.add_argument("--seeds", metavar="S1,S2,...", help="seeds, e.g. 0,1,2 (default: run.seeds of the config)")
     sw.add_argument("--resume", action="store_true", help="continue unfinished seed runs (finished ones are kept)")
+    sw.add_argument("--parallel", metavar="N|auto", help="seed runs at once (default: run.parallel_seeds, auto: as "
+                    "many as fit the cluster's free resources; 1 on a small box)")
     sw.set_defaults(fn=_cmd_sweep)
 
     v = sub.add_parser("validate", help="check a config, its data and models without generating anything")
@@ -277,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     from s3ray.models import ModelNotFound
     from s3ray.pipeline.rundir import RunDirError
     from s3ray.pipeline.steps import StepFailed
+    from s3ray.pipeline.sweep import SweepFailed
     from s3ray.storage import StorageError
 
     args = build_parser().parse_args(argv)
@@ -286,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         # The project's own errors already say what to fix: one line, no traceback.
         print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
-    except (StepFailed, StorageError) as e:  # the run stopped cleanly; what finished is kept
+    except (StepFailed, StorageError, SweepFailed) as e:  # the run stopped cleanly; what finished is kept
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from s3ray.capacity import CapacityError, Node, place, plan_capacity, worker_cpus
+from s3ray.capacity import CapacityError, Node, place, plan_capacity, seeds_side_by_side, worker_cpus
 from s3ray.config import ConfigError, S3Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,3 +117,29 @@ def test_the_shipped_gpu_cluster_config_fits_its_nodes_beside_its_students():
 def test_worker_cpus_are_sized_per_node(frees, workers, gpu, setting, cores, expected):
     frees = [{"CPU": float(f[0]), "GPU": float(f[1])} if isinstance(f, tuple) else {"CPU": float(f)} for f in frees]
     assert worker_cpus(frees, workers, gpu, setting, cores) == expected
+
+
+def test_seed_runs_go_side_by_side_only_where_they_fit():
+    cpu = _cfg(teacher={"use_gpu": False})
+    # A 2-core box (Ray advertises 4 logical CPUs): judged on its real cores, the seeds run one at a time.
+    assert seeds_side_by_side(cpu, _nodes((4, 0)), 3, cores=2) == (1, 0)
+    # 8 real cores: a run's peak is its mining (1 teacher + 1 actor + 1 for Ray Data's tasks = 3 CPUs), so 2
+    # runs fit, and each worker gets the 3 CPUs left beside its teacher (2 x (1 + 3) = 8).
+    assert seeds_side_by_side(cpu, _nodes((8, 0)), 3, cores=8) == (2, 3)
+    # 16 cores, 3 runs: each worker gets 4 CPUs (3 x (1 + 4) = 15).
+    assert seeds_side_by_side(cpu, _nodes((16, 0)), 3, cores=16) == (3, 4)
+    # GPU teacher (TP=2) and a GPU student: 3 GPUs per run at its peak; 8-GPU node holds 2 runs.
+    gpu = _cfg(teacher={"tensor_parallel_size": 2}, student={"use_gpu": True, "cpus_per_worker": 4})
+    assert seeds_side_by_side(gpu, _nodes((64, 8)), 3) == (2, 4)
+    # Two 4-GPU nodes: a run's TP=2 replica and its student GPU pack on one node each.
+    assert seeds_side_by_side(gpu, _nodes((32, 4), (32, 4)), 3)[0] == 2
+
+
+def test_asking_for_more_seed_runs_than_fit_names_the_numbers_and_the_fix():
+    cpu = _cfg(teacher={"use_gpu": False}, student={"cpus_per_worker": 2})
+    assert seeds_side_by_side(cpu, _nodes((4, 0)), 3, asked=1) == (1, 0)
+    assert seeds_side_by_side(cpu, _nodes((6, 0)), 2, asked=2, cores=2) == (2, 2)  # asked: Ray's CPUs decide
+    with pytest.raises(CapacityError) as e:
+        seeds_side_by_side(cpu, _nodes((6, 0)), 3, asked=3)
+    msg = str(e.value)
+    assert "3 CPU" in msg and "node0000: 6 CPU" in msg and "run.parallel_seeds" in msg

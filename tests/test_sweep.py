@@ -84,3 +84,63 @@ def test_resume_continues_the_seeds_that_started_and_starts_the_others(tmp_path)
     (copied / "teacher_cache.sqlite").write_bytes(b"")
     assert [seed_resumes(str(d), True) for d in (started, copied, absent)] == [True, False, False]
     assert not any(seed_resumes(str(d), False) for d in (started, copied, absent))
+
+
+@pytest.mark.slow
+def test_seeds_run_side_by_side_as_ray_tasks_each_with_its_own_run_and_cache(tmp_path, tiny_teacher_dir,
+                                                                             tiny_student_dir):
+    """`s3ray sweep --parallel 2` on a local cluster of 8 logical CPUs: both seeds run at once (their step
+    spans overlap), each in its own run directory with its own teacher cache and its fixed CPU share, from
+    the driver's working directory (the config's data paths are relative); --resume redoes nothing."""
+    import subprocess
+    import sys
+
+    from fuzz_driver import REPO, driver_env, write_config
+
+    out = tmp_path / "sweep"
+    cfg_path = write_config(tmp_path / "cfg.yaml", out, tiny_teacher_dir, tiny_student_dir)
+    cfg = json.loads(cfg_path.read_text())
+    cfg["data"].update(validation="data/sst2/validation.jsonl", test="data/sst2/test.jsonl")
+    cfg["synthesis"]["rounds"] = 0  # rationales, seed rows, one student: the mechanics, not the loop
+    cfg["baselines"] = {"equal_budget": False, "real_validation": False, "s3_plus_real": False}
+    cfg["ray"] = {"num_cpus": 8}
+    cfg_path.write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "s3ray.cli", "sweep", str(cfg_path), "--seeds", "0,1", "--parallel", "2"]
+    env = driver_env(tmp_path, "sweep")
+    done = subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 seed runs at once, 3 CPU(s) per student worker each" in (out / "sweep.log").read_text()
+
+    spans, manifests = [], {}
+    for seed in (0, 1):
+        run = out / f"seed{seed}"
+        manifests[seed] = json.loads((run / "manifest.json").read_text())
+        config = manifests[seed]["config"]
+        assert config["run"]["seed"] == seed and config["student"]["cpus_per_worker"] == 3
+        assert (run / "teacher_cache.sqlite").stat().st_size > 0 and "round0/synthesis" in (run / "run.log").read_text()
+        steps = manifests[seed]["steps"].values()
+        spans.append((min(s["finished"] - s["seconds"] for s in steps), max(s["finished"] for s in steps)))
+    assert max(a for a, _ in spans) < min(b for _, b in spans)  # the two runs were in flight at once
+    agg = json.loads((out / "sweep_report.json").read_text())
+    assert agg["seeds"] == [0, 1] and agg["students"][0]["test"]["n"] == 2 and agg["complete"]
+
+    again = subprocess.run(cmd + ["--resume"], check=False, cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for seed in (0, 1):
+        after = json.loads((out / f"seed{seed}" / "manifest.json").read_text())["steps"]
+        assert {k: v["finished"] for k, v in after.items()} == \
+               {k: v["finished"] for k, v in manifests[seed]["steps"].items()}
+
+
+def test_run_with_run_seeds_is_the_sweep_and_bad_settings_are_named(tmp_path, capsys):
+    from s3ray.cli import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps({"run": {"output_dir": str(tmp_path / "out"), "seeds": [0, 1]},
+                               "data": {"validation": "data/sst2/validation.jsonl"}}))
+    assert main(["run", str(cfg), "--stop-after", "round0/train"]) == 2
+    assert "not with run.seeds" in capsys.readouterr().err
+    assert main(["sweep", str(cfg), "--parallel", "0"]) == 2
+    assert "run.parallel_seeds" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything started

@@ -43,8 +43,21 @@ class RunConfig(_Strict):
     )
     seed: int = Field(0, description="Master seed: every sampling seed, split and shuffle derives from it.")
     seeds: list[int] | None = Field(
-        None, description="`s3ray sweep`: one whole run per seed, in <output_dir>/seed<N>, and a mean ± std report.",
+        None, description="`s3ray sweep` (or `s3ray run` when set): one whole run per seed, in "
+        "<output_dir>/seed<N>, and a mean ± std report.",
     )
+    parallel_seeds: int | Literal["auto"] = Field(
+        "auto", description="Seed runs at once, each a Ray task on the driver's node whose work spreads over the "
+        "cluster. auto: as many as fit the free resources side by side (teacher replicas + student workers; a "
+        "one-node cluster judged on its real cores), so a small box runs them one after another.",
+    )
+
+    @field_validator("parallel_seeds", mode="before")
+    @classmethod
+    def _parallel(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be a whole number of runs >= 1, or 'auto' (got {v!r})")
 
 
 class RayConfig(_Strict):

@@ -35,6 +35,7 @@ log = logging.getLogger("s3ray")
 _RESUMABLE_CHANGES = {"ray", "run.local_dir", "teacher.resources", "student.resources", "mining.concurrency", "mining.batch_size", "teacher.replicas", "teacher.max_in_flight",
                       "teacher.openai", "teacher.max_attempts", "teacher.start_timeout_s", "teacher.request_timeout_s",
                       "teacher.max_restarts", "synthesis.max_failed_call_fraction", "run.output_dir", "run.seeds",
+                      "run.parallel_seeds", "student.cpus_per_worker",
                       "baselines"}
 DATA_FIELDS = ("validation", "test", "contexts")
 LOCK_NAME = "run.lock"

@@ -3,21 +3,33 @@
 Each seed is a whole run of its own in `<run.output_dir>/seed<N>` (its own manifest and teacher cache, so no
 teacher answer is shared between seeds by accident), resumable like any run. The sweep report is built from
 those runs' report.json files alone, so `s3ray sweep CONFIG --seeds ... --resume` after a crash rebuilds it.
-Seeds run one after another: on a small machine each run already uses every core.
+
+Where the cluster has room for several runs side by side (`capacity.seeds_side_by_side`), each seed run is a
+Ray task pinned to the driver's node (its run directory and relative paths are the driver's), whose teacher
+replicas, student workers and mining actors Ray places across the cluster as a lone run's are; each run's
+students then get a fixed share of CPUs so the runs do not starve each other. On a small box the seeds run
+one after another in the driver, each using every core.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 from pathlib import Path
 
+from s3ray.capacity import seeds_side_by_side
 from s3ray.config import S3Config
 from s3ray.pipeline.rundir import holds_run
 from s3ray.pipeline.s3 import prepare_inputs, run_s3
+from s3ray.runtime import init_ray, local_cores, node_resources
 
 log = logging.getLogger("s3ray")
+
+
+class SweepFailed(RuntimeError):
+    """Some seed runs failed (the others finished); names each and how to continue."""
 
 
 def seed_config(cfg: S3Config, seed: int) -> S3Config:
@@ -36,12 +48,88 @@ def seed_resumes(run_dir: str, resume: bool) -> bool:
 def run_sweep(cfg: S3Config, seeds: list[int], resume: bool = False) -> dict:
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"--seeds: give distinct seeds, e.g. 0,1,2 (got {seeds})")
-    for seed in seeds:
-        one = seed_config(cfg, seed)
-        run_dir = Path(one.run.output_dir)
-        log.info("== sweep: seed %d -> %s", seed, run_dir)
-        run_s3(one, resume=seed_resumes(one.run.output_dir, resume), inputs=prepare_inputs(one))
+    configs = [seed_config(cfg, seed) for seed in seeds]
+    inputs = [prepare_inputs(one) for one in configs]  # every seed's data and models, before any run starts
+    at_once, cpus = _seeds_at_once(cfg, len(seeds))
+    if at_once == 1:
+        for one, inp in zip(configs, inputs):
+            log.info("== sweep: seed %d -> %s", one.run.seed, one.run.output_dir)
+            run_s3(one, resume=seed_resumes(one.run.output_dir, resume), inputs=inp)
+    else:
+        log.info("== sweep: %d seed runs at once, %d CPU(s) per student worker each", at_once, cpus)
+        _run_side_by_side([side_by_side(one, cpus) for one in configs], inputs, resume, at_once)
     return write_sweep_report(Path(cfg.run.output_dir), seeds)
+
+
+def _seeds_at_once(cfg: S3Config, n_seeds: int) -> tuple[int, int]:
+    """`capacity.seeds_side_by_side` on the cluster this process joins (or starts)."""
+    asked = None if cfg.run.parallel_seeds == "auto" else cfg.run.parallel_seeds
+    if n_seeds == 1 or asked == 1:
+        return 1, 0
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    if not cfg.ray.check_capacity:  # an autoscaling cluster: its room is not known in advance
+        return (asked or 1), (cfg.student.cpus_per_worker or 1)
+    nodes = node_resources()
+    return seeds_side_by_side(cfg, nodes, n_seeds, asked, cores=local_cores() if len(nodes) == 1 else None)
+
+
+def side_by_side(one: S3Config, cpus: int) -> S3Config:
+    """A seed run's config when others run beside it: its workers and mining get a fixed share instead of
+    every free CPU, and it skips its own capacity check (a snapshot taken while the other runs hold resources
+    would be wrong; the sweep checked the runs together). None of these settings change its results."""
+    student = one.student.model_copy(update={"cpus_per_worker": one.student.cpus_per_worker or cpus})
+    mining = one.mining.model_copy(update={"concurrency": 1 if one.mining.concurrency == "auto"
+                                           else one.mining.concurrency})
+    ray_cfg = one.ray.model_copy(update={"check_capacity": False})
+    return one.model_copy(update={"student": student, "mining": mining, "ray": ray_cfg})
+
+
+def _run_side_by_side(configs: list[S3Config], inputs: list, resume: bool, at_once: int) -> None:
+    """At most `at_once` seed runs in flight as Ray tasks; a failed seed does not stop the others."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(_seed_task)
+    pending = list(zip(configs, inputs))
+    running: dict = {}
+    failed: list[str] = []
+    while pending or running:
+        while pending and len(running) < at_once:
+            one, inp = pending.pop(0)
+            log.info("== sweep: seed %d -> %s (Ray task)", one.run.seed, one.run.output_dir)
+            ref = task.remote(one.model_dump(mode="json"), seed_resumes(one.run.output_dir, resume), inp,
+                              os.getcwd())
+            running[ref] = one.run.seed
+        done, _ = ray.wait(list(running), num_returns=1)
+        seed = running.pop(done[0])
+        try:
+            ray.get(done[0])
+            log.info("== sweep: seed %d finished", seed)
+        except Exception as e:  # noqa: BLE001 - reported below, after the other seeds finish
+            log.error("== sweep: seed %d failed: %s", seed, e)
+            failed.append(f"seed {seed}: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
+    if failed:
+        raise SweepFailed("sweep: " + "; ".join(failed) + ". Fix the cause and continue with --resume "
+                           "(finished seeds and steps are kept)")
+
+
+def _seed_task(cfg_json: dict, resume: bool, inputs, cwd: str) -> None:
+    """One seed run inside a Ray task on the driver's node, from the driver's working directory (the
+    config's relative paths are the driver's), logging to the seed's run.log as a lone run does."""
+    os.chdir(cwd)
+    cfg = S3Config.model_validate(cfg_json)
+    Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(cfg.run.output_dir) / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    try:
+        run_s3(cfg, resume=resume, inputs=inputs)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _spread(values: list[float | None]) -> dict:
