@@ -54,6 +54,8 @@ def test_each_seed_gets_its_own_run_directory_and_seed():
     cfg = config_from_dict({"run": {"output_dir": "runs/sw", "seed": 0}, "data": {"validation": "x.jsonl"}})
     one = seed_config(cfg, 2)
     assert one.run.seed == 2 and one.run.output_dir.endswith("runs/sw/seed2") and cfg.run.seed == 0
+    remote = config_from_dict({"run": {"output_dir": "s3://bucket/sw/"}, "data": {"validation": "x.jsonl"}})
+    assert seed_config(remote, 1).run.output_dir == "s3://bucket/sw/seed1"  # a URI stays a URI
 
 
 def test_the_ablation_counts_tokens_until_a_round_reaches_the_target():

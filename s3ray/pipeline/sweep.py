@@ -19,6 +19,7 @@ import os
 import statistics
 from pathlib import Path
 
+from s3ray import storage
 from s3ray.capacity import seeds_side_by_side
 from s3ray.config import S3Config
 from s3ray.pipeline.rundir import holds_run
@@ -34,7 +35,7 @@ class SweepFailed(RuntimeError):
 
 def seed_config(cfg: S3Config, seed: int) -> S3Config:
     """The config of one seed's run: same settings, its own seed and run directory."""
-    run = cfg.run.model_copy(update={"seed": seed, "output_dir": str(Path(cfg.run.output_dir) / f"seed{seed}"),
+    run = cfg.run.model_copy(update={"seed": seed, "output_dir": storage.join(cfg.run.output_dir, f"seed{seed}"),
                                      "name": f"{cfg.run.name} (seed {seed})"})
     return cfg.model_copy(update={"run": run})
 
@@ -58,7 +59,7 @@ def run_sweep(cfg: S3Config, seeds: list[int], resume: bool = False) -> dict:
     else:
         log.info("== sweep: %d seed runs at once, %d CPU(s) per student worker each", at_once, cpus)
         _run_side_by_side([side_by_side(one, cpus) for one in configs], inputs, resume, at_once)
-    return write_sweep_report(Path(cfg.run.output_dir), seeds)
+    return write_sweep_report(cfg.run.output_dir, seeds)
 
 
 def _seeds_at_once(cfg: S3Config, n_seeds: int) -> tuple[int, int]:
@@ -119,6 +120,9 @@ def _seed_task(cfg_json: dict, resume: bool, inputs, cwd: str) -> None:
     config's relative paths are the driver's), logging to the seed's run.log as a lone run does."""
     os.chdir(cwd)
     cfg = S3Config.model_validate(cfg_json)
+    if not storage.is_local(cfg.run.output_dir):  # an object store run logs to the driver only
+        run_s3(cfg, resume=resume, inputs=inputs)
+        return
     Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(Path(cfg.run.output_dir) / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -190,14 +194,15 @@ def _markdown(agg: dict) -> str:
     return "\n".join(lines)
 
 
-def write_sweep_report(sweep_dir: Path, seeds: list[int]) -> dict:
+def write_sweep_report(sweep_dir: str | Path, seeds: list[int]) -> dict:
+    """sweep_report.json/.md in `sweep_dir` (a path or object store URI) from its seed runs' report.json."""
     reports = {}
     for seed in seeds:
-        path = sweep_dir / f"seed{seed}" / "report.json"
-        if not path.exists():
+        path = storage.join(str(sweep_dir), f"seed{seed}", "report.json")
+        if not storage.exists(path):
             raise FileNotFoundError(f"{path} is missing: run that seed first (s3ray sweep ... --resume)")
-        reports[seed] = json.loads(path.read_text())
+        reports[seed] = json.loads(storage.read_bytes(path))
     agg = aggregate(reports)
-    (sweep_dir / "sweep_report.json").write_text(json.dumps(agg, indent=2))
-    (sweep_dir / "sweep_report.md").write_text(_markdown(agg))
+    storage.write_bytes(storage.join(str(sweep_dir), "sweep_report.json"), json.dumps(agg, indent=2).encode())
+    storage.write_bytes(storage.join(str(sweep_dir), "sweep_report.md"), _markdown(agg).encode())
     return agg
