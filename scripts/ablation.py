@@ -13,6 +13,7 @@ the first finished variant's teacher cache: identical requests, identical answer
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import subprocess
@@ -58,21 +59,67 @@ def tokens_to_reach(rounds: list[dict], target: float | None) -> float | None:
     return None
 
 
+def val_falls(per_seed: dict) -> tuple[int, int]:
+    """Rounds (over seeds) whose validation score fell below the round before, and rounds compared."""
+    fell = total = 0
+    for rep in per_seed.values():
+        vals = [r.get("val") for r in rep["rounds"]]
+        for before, after in itertools.pairwise(vals):
+            if before is not None and after is not None:
+                total += 1
+                fell += after < before
+    return fell, total
+
+
+def majority_share(run_dir: Path, rounds: int) -> list[float]:
+    """Per EES round (1..rounds) of one seed run, the largest label's share of the round's new rows."""
+    import pyarrow.parquet as pq
+
+    shares = []
+    for r in range(1, rounds + 1):
+        path = run_dir / "rounds" / f"round_{r}.parquet"
+        if path.exists():
+            labels = pq.read_table(path, columns=["label"]).column("label").to_pylist()
+            if labels:
+                shares.append(max(labels.count(x) for x in set(labels)) / len(labels))
+    return shares
+
+
+def _pm(s: dict) -> str:
+    return "–" if s.get("mean") is None else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+
+
 def table(results: dict[str, dict[str, dict]]) -> str:
     lines = ["# EES ablation: plain vs class-balanced, with and without a fair student budget", "",
              ("Test accuracy (mean ± sample std over seeds) of the S3 student after each round, and the teacher "
              "tokens (rationales + seed + EES, mean over seeds) spent until a round first reached the plain "
-             "variant's final accuracy. Written by `scripts/ablation.py`."), ""]
+             "variant's final accuracy. *val fell*: rounds, over all seeds, whose validation accuracy fell below "
+             "the round before. *EES majority share*: the largest label's share of an EES round's new rows "
+             "(mean over rounds and seeds; 50% is balanced on two labels). Written by `scripts/ablation.py`."), ""]
     for task, variants in results.items():
         plain_final = variants.get("plain", {}).get("rounds", [{}])[-1].get("test", {}).get("mean")
         n_rounds = max(len(v["rounds"]) for v in variants.values())
         lines += [f"## {task}", "", "| variant | " + " | ".join(f"round {i}" for i in range(n_rounds))
-                  + " | tokens to reach plain's final |", "|---|" + "---:|" * (n_rounds + 1)]
+                  + " | tokens to reach plain's final | val fell | EES majority share |",
+                  "|---|" + "---:|" * (n_rounds + 3)]
         for name, agg in variants.items():
-            cells = [f"{100 * r['test']['mean']:.2f} ± {100 * r['test']['std']:.2f}"
-                     if r["test"]["mean"] is not None else "–" for r in agg["rounds"]]
+            cells = [_pm(r["test"]) for r in agg["rounds"]]
             reach = tokens_to_reach(agg["rounds"], plain_final)
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {'not reached' if reach is None else f'{reach:,.0f}'} |")
+            fell, total = val_falls(agg.get("per_seed", {}))
+            share = agg.get("ees_majority_share")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if plain_final is None else 'not reached' if reach is None else f'{reach:,.0f}'}"
+                         + (f" | {fell} of {total}" if total else " | –")
+                         + (f" | {100 * share:.0f}% |" if share is not None else " | – |"))
+        students = [s["method"] for s in next(iter(variants.values())).get("students", [])]
+        if students:
+            lines += ["", f"Every student of the {task} runs, test accuracy (mean ± std over seeds):", "",
+                      "| variant | " + " | ".join(students) + " | minutes per seed run |",
+                      "|---|" + "---:|" * (len(students) + 1)]
+            for name, agg in variants.items():
+                by = {s["method"]: s["test"] for s in agg["students"]}
+                minutes = [rep.get("total_seconds", 0) / 60 for rep in agg.get("per_seed", {}).values()]
+                lines.append(f"| {name} | " + " | ".join(_pm(by.get(m, {})) for m in students)
+                             + (f" | {sum(minutes) / len(minutes):.0f} |" if minutes else " | – |"))
         lines.append("")
     return "\n".join(lines)
 
@@ -91,11 +138,15 @@ def main() -> int:
     for task in args.tasks.split(","):
         for variant in args.variants.split(","):
             report = run_variant(task, variant, seeds, out)
-            results.setdefault(task, {})[variant] = json.loads(report.read_text())
+            agg = json.loads(report.read_text())
+            shares = [x for seed in seeds for x in majority_share(report.parent / f"seed{seed}", len(agg["rounds"]) - 1)]
+            agg["ees_majority_share"] = sum(shares) / len(shares) if shares else None
+            results.setdefault(task, {})[variant] = agg
     doc = REPO / args.doc
     doc.write_text(table(results))
     doc.with_suffix(".json").write_text(json.dumps(
-        {t: {v: {k: a[k] for k in ("seeds", "students", "rounds")} for v, a in vs.items()} for t, vs in results.items()},
+        {t: {v: {k: a.get(k) for k in ("seeds", "students", "rounds", "ees_majority_share")} for v, a in vs.items()}
+         for t, vs in results.items()},
         indent=2))
     print(f"wrote {doc}")
     return 0

@@ -94,6 +94,9 @@ def test_full_round_pause_crash_resume(tmp_path, ray_local, tiny_teacher_dir, ti
     eq = after["baseline/equal_budget/train"]["result"]
     assert eq["n_train"] == len(final)  # equal budget means equal size
     assert report["rounds"][0]["teacher_tokens"] > 0 and report["complete"]
+    syn1 = after["round1/synthesis"]["result"]  # each round's balance, to see EES swing between labels
+    assert sum(syn1["by_label"].values()) == syn1["rows"] and set(syn1["by_label"]) <= {"negative", "positive"}
+    assert report["rounds"][1]["new_by_label"] == syn1["by_label"]
     for f in ["report.md", "report.json", "report.png"]:
         assert (run_dir / f).stat().st_size > 0
     assert "real validation rows only" in (run_dir / "report.md").read_text()

@@ -73,7 +73,14 @@ def test_the_ablation_counts_tokens_until_a_round_reaches_the_target():
     assert ablation.tokens_to_reach(rounds, 0.8) is None
     rounds = [{**r, "test": {**r["test"], "std": 0.01}} for r in rounds]
     md = ablation.table({"sst2": {"plain": {"rounds": rounds}}})
-    assert "| plain | 60.00 ± 1.00 | 75.00 ± 1.00 | 72.00 ± 1.00 | 150 |" in md
+    assert "| plain | 60.00 ± 1.00 | 75.00 ± 1.00 | 72.00 ± 1.00 | 150 | – | – |" in md
+    # Validation falls counted per seed and round; every student's spread; the EES label balance.
+    per_seed = {0: {"rounds": [{"val": 0.6}, {"val": 0.58}, {"val": 0.7}], "total_seconds": 600},
+                1: {"rounds": [{"val": 0.6}, {"val": 0.65}, {"val": None}], "total_seconds": 1200}}
+    students = [{"method": "S3 after 2 round(s)", "test": {"mean": 0.72, "std": 0.02}}]
+    md = ablation.table({"sst2": {"balanced": {"rounds": rounds, "per_seed": per_seed, "students": students,
+                                               "ees_majority_share": 0.55}}})
+    assert "| – | 1 of 3 | 55% |" in md and "| balanced | 72.00 ± 2.00 | 15 |" in md
 
 
 def test_resume_continues_the_seeds_that_started_and_starts_the_others(tmp_path):

@@ -70,6 +70,7 @@ def build_report(run: RunDir) -> dict:
         per_round.append({
             "round": r,
             "new_rows": syn.get("rows"),
+            "new_by_label": syn.get("by_label"),
             "total_rows": total_rows if syn else None,
             "train_rows": tr.get("n_train"),
             "best_epoch": tr.get("best_epoch"),
@@ -186,12 +187,14 @@ def _markdown(rep: dict) -> str:
         "",
         "## Rounds",
         "",
-        f"| round | new rows | synthetic rows | best epoch | validation {m} | test {m} | errors mined | teacher tokens |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (f"| round | new rows | new rows by label | synthetic rows | best epoch | validation {m} | test {m} | "
+         "errors mined | teacher tokens |"),
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rep["rounds"]:
+        by_label = ", ".join(f"{k}: {v}" for k, v in (r.get("new_by_label") or {}).items()) or "–"
         lines.append(
-            f"| {r['round']} | {_fmt(r['new_rows'], False)} | {_fmt(r['total_rows'], False)} | "
+            f"| {r['round']} | {_fmt(r['new_rows'], False)} | {by_label} | {_fmt(r['total_rows'], False)} | "
             f"{_fmt(r['best_epoch'], False)} | {_fmt(r['val'])} | {_fmt(r['test'])} | "
             f"{_fmt(r['errors_mined'], False)} | {r['teacher_tokens']:,} |"
         )

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from s3ray.capacity import CapacityPlan, check_capacity
 from s3ray.config import ConfigError, S3Config, StudentConfig
@@ -191,7 +193,15 @@ class S3Steps:
             )
         parts.merge_into(self.run.abs(rel), self.task, n_parts)
         log.info("%s: kept %d of %d (%s)", desc, stats.kept, stats.requested, dict(stats.dropped) or "no drops")
-        return SynthesisResult(path=rel, rows=stats.kept, stats=stats.to_dict())
+        by_label = self.label_counts(rel) if stats.kept else {}
+        return SynthesisResult(path=rel, rows=stats.kept, stats=stats.to_dict(), by_label=by_label)
+
+    def label_counts(self, rel: str) -> dict[str, int] | None:
+        """Rows per label in one round file (None for tasks without labels)."""
+        if not self.task.labels:
+            return None
+        labels = pq.read_table(self.run.abs(rel), columns=["label"]).column("label").to_pylist()
+        return dict(sorted(Counter(labels).items()))
 
     # Step 1
     def write_rationales(self) -> RationalesResult:

@@ -39,6 +39,7 @@ class SynthesisResult:
     rows: int
     stats: dict  # SynthesisStats.to_dict()
     target: int | None = None  # equal-budget baseline: seed rows it had to reach
+    by_label: dict[str, int] | None = None  # kept rows per label (label tasks), to see a round's balance
 
 
 @dataclass
