@@ -73,9 +73,9 @@ def test_yaml_with_a_key_given_twice_is_refused(tmp_path):
     p.write_text("data:\n  validation: a.jsonl\n  validation: b.jsonl\n")
     with pytest.raises(ConfigError, match=r"key 'validation' appears twice in one section \(lines 2 and 3\)"):
         load_config(p)
-    p.write_text("data: {validation: a.jsonl}\nbase: &b {rounds: 1}\nsynthesis: {<<: *b, seed_examples: 4}\n"
+    p.write_text("data: {validation: a.jsonl}\nshared: &b {rounds: 1}\nsynthesis: {<<: *b, seed_examples: 4}\n"
                  "run: {seed: 1}\n")
-    with pytest.raises(ConfigError, match="base: unknown field"):  # anchors and merges still parse
+    with pytest.raises(ConfigError, match="shared: unknown field"):  # anchors and merges still parse
         load_config(p)
 
 
@@ -95,3 +95,30 @@ def test_config_that_is_not_utf8_or_lists_a_label_twice(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match=r"task.labels: names \['a'\] more than once"):
         config_from_dict({"data": {"validation": "v.jsonl"}, "task": {"labels": ["a", "b", "a"]}})
+
+
+def test_a_config_with_a_base_changes_only_what_it_states(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("run: {name: a, seed: 4}\ndata: {validation: v.jsonl}\nstudent: {epochs: 7, batch_size: 8}\n")
+    sub = tmp_path / "variants" / "b.yaml"
+    sub.parent.mkdir()
+    sub.write_text("base: ../base.yaml\nrun: {name: b}\nstudent: {epochs: 2}\n")
+    cfg = load_config(sub, ["student.batch_size=16"])
+    assert (cfg.run.name, cfg.run.seed, cfg.student.epochs, cfg.student.batch_size) == ("b", 4, 2, 16)
+    sweep = load_config(Path(__file__).parents[1] / "configs/sst2_sweep.yaml")
+    quick = load_config(Path(__file__).parents[1] / "configs/sst2_quickstart.yaml")
+    assert sweep.run.seeds == [0, 1, 2] and sweep.synthesis == quick.synthesis and sweep.teacher == quick.teacher
+
+
+def test_a_missing_or_looping_base_is_named(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="leads back"):
+        load_config(a)
+    a.write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"base: .*nowhere.yaml not found"):
+        load_config(a)
+    a.write_text("base: [x]\n")
+    with pytest.raises(ConfigError, match="the path of another config"):
+        load_config(a)

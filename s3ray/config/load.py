@@ -95,8 +95,16 @@ def config_from_dict(raw: dict, source: str = "(dict)", overrides: list[str] | N
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> S3Config:
-    """Load and validate a YAML run config. Relative data paths resolve against the current directory."""
+    """Load and validate a YAML run config. Relative data paths resolve against the current directory.
+
+    `base: OTHER.yaml` (relative to this file) starts from another config: this file's sections are merged
+    over it field by field, so a variant states only what it changes.
+    """
     path = Path(path)
+    return config_from_dict(_with_base(_read_yaml(path), path, {path.resolve()}), str(path), overrides)
+
+
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (examples live in configs/)")
     try:
@@ -113,7 +121,30 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> S3Confi
         raise ConfigError(f"config {path} is not valid YAML{where}: {what}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: the top level must be a mapping of sections (run, data, teacher, ...)")
-    return config_from_dict(raw, str(path), overrides)
+    return raw
+
+
+def _with_base(raw: dict, path: Path, seen: set[Path]) -> dict:
+    """`raw` merged over the config its `base:` names (recursively)."""
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config {path}: base: the path of another config, relative to this file "
+                          f"(e.g. base: sst2_quickstart.yaml), got {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in seen:
+        raise ConfigError(f"config {path}: base: {base} leads back to a config already on the chain; remove the loop")
+    if not base_path.is_file():
+        raise ConfigError(f"config {path}: base: {base_path} not found (relative to the folder of {path.name})")
+    return _merged(_with_base(_read_yaml(base_path), base_path, seen | {base_path.resolve()}), raw)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _type_name(ann: Any) -> str:
