@@ -7,7 +7,8 @@ Inside a Ray job, `ray.address` defaults to "auto" (the job's own cluster) unles
 Before anything expensive the job checks its run storage: a relative run.output_dir would land in the
 temporary copy of the working dir that Ray deletes when the job ends, and on a cluster of several nodes every
 node must see run.output_dir. Everything else is `s3ray run`: same config, same --resume semantics, same
-report; the job's last line says where the report is.
+report (a config with run.seeds runs the sweep, its seeds side by side where the cluster has room); the
+job's last line says where the report is.
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def run_job(argv: list[str]) -> int:
     rc = main(argv)
     out = storage.absolute_output_dir(cfg.run.output_dir)
     if rc == 0:
-        print(f"s3ray job done; report: {storage.join(out, 'report.md')} (JSON: report.json, plot: report.png)")
+        if cfg.run.seeds:  # run.seeds: the job was a sweep (one run per seed in seed<N>/)
+            print(f"s3ray job done; sweep report: {storage.join(out, 'sweep_report.md')} (JSON: sweep_report.json)")
+        else:
+            print(f"s3ray job done; report: {storage.join(out, 'report.md')} (JSON: report.json, plot: report.png)")
     else:
         print(f"s3ray job failed (exit {rc}); finished steps are kept in {out}: resubmit to continue", file=sys.stderr)
     return rc
