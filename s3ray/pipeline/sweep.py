@@ -99,8 +99,8 @@ def _run_side_by_side(configs: list[S3Config], inputs: list, resume: bool, at_on
         while pending and len(running) < at_once:
             one, inp = pending.pop(0)
             log.info("== sweep: seed %d -> %s (Ray task)", one.run.seed, one.run.output_dir)
-            ref = task.remote(one.model_dump(mode="json"), seed_resumes(one.run.output_dir, resume), inp,
-                              os.getcwd())
+            ref = task.options(runtime_env={"env_vars": _teacher_secrets(one)}).remote(
+                one, seed_resumes(one.run.output_dir, resume), inp, os.getcwd())
             running[ref] = one.run.seed
         done, _ = ray.wait(list(running), num_returns=1)
         seed = running.pop(done[0])
@@ -115,11 +115,18 @@ def _run_side_by_side(configs: list[S3Config], inputs: list, resume: bool, at_on
                            "(finished seeds and steps are kept)")
 
 
-def _seed_task(cfg_json: dict, resume: bool, inputs, cwd: str) -> None:
+def _teacher_secrets(cfg: S3Config) -> dict[str, str]:
+    """The driver's API key for an HTTP teacher: a task on a cluster the driver joined runs in a worker
+    that `ray start` launched, without the driver's environment."""
+    name = cfg.teacher.openai.api_key_env
+    return {name: os.environ[name]} if cfg.teacher.engine == "openai" and name in os.environ else {}
+
+
+def _seed_task(cfg: S3Config, resume: bool, inputs, cwd: str) -> None:
     """One seed run inside a Ray task on the driver's node, from the driver's working directory (the
-    config's relative paths are the driver's), logging to the seed's run.log as a lone run does."""
+    config's relative paths are the driver's), logging to the seed's run.log as a lone run does. `cfg`
+    travels as the object, not its JSON dump, which drops credentials from URLs."""
     os.chdir(cwd)
-    cfg = S3Config.model_validate(cfg_json)
     if not storage.is_local(cfg.run.output_dir):  # an object store run logs to the driver only
         run_s3(cfg, resume=resume, inputs=inputs)
         return
