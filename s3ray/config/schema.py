@@ -30,6 +30,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def count_or_auto(v: Any, what: str) -> Any:
+    """A field that is a whole number >= 1 or 'auto' (before pydantic would coerce "2" or True)."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError(f"must be a whole number of {what} >= 1, or 'auto' (got {v!r})")
+
+
 class RunConfig(_Strict):
     name: str = Field("s3-run", description="Run name, used in the report title.")
     output_dir: str = Field(
@@ -55,9 +62,7 @@ class RunConfig(_Strict):
     @field_validator("parallel_seeds", mode="before")
     @classmethod
     def _parallel(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError(f"must be a whole number of runs >= 1, or 'auto' (got {v!r})")
+        return count_or_auto(v, "runs")
 
 
 class RayConfig(_Strict):
@@ -331,9 +336,7 @@ class MiningConfig(_Strict):
     @field_validator("concurrency", mode="before")
     @classmethod
     def _actors(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError(f"must be a whole number of actors >= 1, or 'auto' (got {v!r})")
+        return count_or_auto(v, "actors")
 
 
 class BaselinesConfig(_Strict):
