@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +32,13 @@ VARIANTS = {
 }
 
 
+def copy_cache(src: Path, dest: Path) -> None:
+    """A consistent copy of a teacher cache, even one a running sibling is writing (SQLite's backup API
+    includes what is still in its write-ahead log; a file copy would not)."""
+    with sqlite3.connect(f"file:{src}?mode=ro", uri=True) as source, sqlite3.connect(dest) as target:
+        source.backup(target)
+
+
 def run_variant(task: str, variant: str, seeds: list[int], out: Path) -> Path:
     sweep_dir = out / task / variant
     for seed in seeds:  # reuse round 0's teacher answers from a sibling variant of the same seed
@@ -39,7 +46,7 @@ def run_variant(task: str, variant: str, seeds: list[int], out: Path) -> Path:
         donors = [p for p in (out / task).glob(f"*/seed{seed}/teacher_cache.sqlite") if p != cache]
         if not cache.exists() and donors:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(donors[0], cache)
+            copy_cache(donors[0], cache)
     sets = [f"run.output_dir={sweep_dir}"] + [
         f"{k}={v.format(min_steps=MIN_STEPS[task])}" for k, v in VARIANTS[variant].items()]
     cmd = [sys.executable, "-m", "s3ray.cli", "sweep", TASKS[task], "--seeds", ",".join(map(str, seeds)),

@@ -153,3 +153,24 @@ def test_run_with_run_seeds_is_the_sweep_and_bad_settings_are_named(tmp_path, ca
     assert main(["sweep", str(cfg), "--parallel", "0"]) == 2
     assert "run.parallel_seeds" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything started
+
+
+def test_the_ablation_copies_a_cache_that_a_running_sibling_still_writes(tmp_path):
+    import importlib.util
+    import sqlite3
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "scripts" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    live = sqlite3.connect(tmp_path / "live.sqlite")
+    live.execute("PRAGMA journal_mode=WAL")
+    live.execute("PRAGMA wal_autocheckpoint=0")  # every row stays in the -wal file, as in a running sibling
+    live.execute("CREATE TABLE t (k TEXT)")
+    live.executemany("INSERT INTO t VALUES (?)", [(str(i),) for i in range(100)])
+    live.commit()
+    ablation.copy_cache(tmp_path / "live.sqlite", tmp_path / "copy.sqlite")
+    live.close()
+    with sqlite3.connect(tmp_path / "copy.sqlite") as copy:
+        assert copy.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 100
