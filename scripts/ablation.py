@@ -39,7 +39,7 @@ def copy_cache(src: Path, dest: Path) -> None:
         source.backup(target)
 
 
-def run_variant(task: str, variant: str, seeds: list[int], out: Path) -> Path:
+def run_variant(task: str, variant: str, seeds: list[int], out: Path, extra: tuple[str, ...] = ()) -> Path:
     sweep_dir = out / task / variant
     for seed in seeds:  # reuse round 0's teacher answers from a sibling variant of the same seed
         cache = sweep_dir / f"seed{seed}" / "teacher_cache.sqlite"
@@ -48,7 +48,7 @@ def run_variant(task: str, variant: str, seeds: list[int], out: Path) -> Path:
             cache.parent.mkdir(parents=True, exist_ok=True)
             copy_cache(donors[0], cache)
     sets = [f"run.output_dir={sweep_dir}"] + [
-        f"{k}={v.format(min_steps=MIN_STEPS[task])}" for k, v in VARIANTS[variant].items()]
+        f"{k}={v.format(min_steps=MIN_STEPS[task])}" for k, v in VARIANTS[variant].items()] + list(extra)
     cmd = [sys.executable, "-m", "s3ray.cli", "sweep", TASKS[task], "--seeds", ",".join(map(str, seeds)),
            "--resume"] + [a for s in sets for a in ("--set", s)]
     print("$", " ".join(cmd), flush=True)
@@ -138,13 +138,15 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="runs/ablation", help="where the sweeps' run directories go")
     p.add_argument("--doc", default="docs/ablation.md", help="the table (a .json twin is written beside it)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="passed to every sweep, e.g. baselines.equal_budget=false to measure the loop alone")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     out = (REPO / args.out).resolve()
     results: dict[str, dict[str, dict]] = {}
     for task in args.tasks.split(","):
         for variant in args.variants.split(","):
-            report = run_variant(task, variant, seeds, out)
+            report = run_variant(task, variant, seeds, out, tuple(args.set))
             agg = json.loads(report.read_text())
             shares = [x for seed in seeds for x in majority_share(report.parent / f"seed{seed}", len(agg["rounds"]) - 1)]
             agg["ees_majority_share"] = sum(shares) / len(shares) if shares else None
