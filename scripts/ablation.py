@@ -152,7 +152,9 @@ def main() -> int:
             agg["ees_majority_share"] = sum(shares) / len(shares) if shares else None
             results.setdefault(task, {})[variant] = agg
     doc = REPO / args.doc
-    doc.write_text(table(results))
+    command = "python scripts/ablation.py " + " ".join(sys.argv[1:])
+    doc.write_text(table(results) + f"\nMade with `{command}`; each sweep's own report: "
+                   f"`{args.out}/<task>/<variant>/sweep_report.md`.\n")
     doc.with_suffix(".json").write_text(json.dumps(
         {t: {v: {k: a.get(k) for k in ("seeds", "students", "rounds", "ees_majority_share")} for v, a in vs.items()}
          for t, vs in results.items()},
