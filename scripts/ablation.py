@@ -92,8 +92,13 @@ def majority_share(run_dir: Path, rounds: int) -> list[float]:
     return shares
 
 
-def _pm(s: dict) -> str:
-    return "–" if s.get("mean") is None else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+def _pm(s: dict, seeds: int | None = None) -> str:
+    """mean ± std; a figure from fewer seeds than the sweep's says how many."""
+    if s.get("mean") is None:
+        return "–"
+    if seeds and s.get("n") and s["n"] < seeds:
+        return f"{100 * s['mean']:.2f} ({s['n']} of {seeds} seeds)"
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
@@ -125,7 +130,8 @@ def table(results: dict[str, dict[str, dict]]) -> str:
             for name, agg in variants.items():
                 by = {s["method"]: s["test"] for s in agg["students"]}
                 minutes = [rep.get("total_seconds", 0) / 60 for rep in agg.get("per_seed", {}).values()]
-                lines.append(f"| {name} | " + " | ".join(_pm(by.get(m, {})) for m in students)
+                seeds = len(agg.get("seeds", []))
+                lines.append(f"| {name} | " + " | ".join(_pm(by.get(m, {}), seeds) for m in students)
                              + (f" | {sum(minutes) / len(minutes):.0f} |" if minutes else " | – |"))
         lines.append("")
     return "\n".join(lines)
