@@ -141,16 +141,14 @@ def _cmd_sweep(args) -> int:
 
 def _sweep(cfg, seeds: list[int], resume: bool, verbose: bool) -> int:
     from s3ray import storage
-    from s3ray.pipeline.sweep import run_sweep
+    from s3ray.pipeline.sweep import run_sweep, spread_text
 
     out = cfg.run.output_dir  # a path, or an object store URI
     _setup_logging(Path(out) / "sweep.log" if storage.is_local(out) else None, verbose)
     agg = run_sweep(cfg, seeds, resume=resume)
     print(f"\nsweep report: {storage.join(out, 'sweep_report.md')}")
     for s in agg["students"]:
-        t = s["test"]
-        shown = "–" if t["mean"] is None else f"{100 * t['mean']:.2f} ± {100 * t['std']:.2f}"
-        print(f"  {s['method']:<40} test {agg['metric']}: {shown} (n={t['n']})")
+        print(f"  {s['method']:<40} test {agg['metric']}: {spread_text(s['test'], len(seeds))}")
     return 0
 
 

@@ -42,6 +42,7 @@ def test_the_sweep_report_gives_mean_and_sample_std_per_student_and_round(tmp_pa
 
     md = (tmp_path / "sweep_report.md").read_text()
     assert "74.00 ± 4.00" in md and "| 1 | 74.00 | – |" in md
+    assert "| real validation rows only | 80 ± 0 | 80.00 ± 0.00 | 82.00 (2 of 3 seeds) |" in md
     assert json.loads((tmp_path / "sweep_report.json").read_text())["seeds"] == [0, 1, 2]
 
 

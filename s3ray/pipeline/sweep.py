@@ -170,27 +170,31 @@ def aggregate(reports: dict[int, dict]) -> dict:
             "per_seed": reports}
 
 
-def _pm(s: dict, pct: bool = True) -> str:
+def spread_text(s: dict, seeds: int, pct: bool = True) -> str:
+    """Mean ± std; a figure from fewer of the `seeds` runs says how many (one seed has no spread to show)."""
     if s["mean"] is None:
         return "–"
-    if pct:
-        return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
-    return f"{s['mean']:,.0f} ± {s['std']:,.0f}"
+    mean = f"{100 * s['mean']:.2f}" if pct else f"{s['mean']:,.0f}"
+    if s["n"] < seeds:
+        return f"{mean} ({s['n']} of {seeds} seeds)"
+    return f"{mean} ± {100 * s['std']:.2f}" if pct else f"{mean} ± {s['std']:,.0f}"
 
 
 def _markdown(agg: dict) -> str:
-    m = agg["metric"]
+    m, n = agg["metric"], len(agg["seeds"])
     lines = [f"# s3ray sweep: {agg['run']}", "",
              f"Task **{agg['task']}** · seeds {', '.join(map(str, agg['seeds']))} · mean ± sample std over seeds"
              + ("" if agg["complete"] else " · **some runs incomplete**"), "",
              "## Students", "", f"| method | train rows | validation {m} | test {m} |", "|---|---:|---:|---:|"]
     for s in agg["students"]:
-        lines.append(f"| {s['method']} | {_pm(s['train_rows'], False)} | {_pm(s['val'])} | {_pm(s['test'])} |")
+        lines.append(f"| {s['method']} | {spread_text(s['train_rows'], n, False)} | {spread_text(s['val'], n)} | "
+                     f"{spread_text(s['test'], n)} |")
     lines += ["", "## Rounds", "", (f"| round | synthetic rows | validation {m} | test {m} | errors mined | "
               "teacher tokens |"), "|---:|---:|---:|---:|---:|---:|"]
     for r in agg["rounds"]:
-        lines.append(f"| {r['round']} | {_pm(r['total_rows'], False)} | {_pm(r['val'])} | {_pm(r['test'])} | "
-                     f"{_pm(r['errors_mined'], False)} | {_pm(r['teacher_tokens'], False)} |")
+        lines.append(f"| {r['round']} | {spread_text(r['total_rows'], n, False)} | {spread_text(r['val'], n)} | "
+                     f"{spread_text(r['test'], n)} | {spread_text(r['errors_mined'], n, False)} | "
+                     f"{spread_text(r['teacher_tokens'], n, False)} |")
     lines += ["", "## Per seed (test)", "", "| seed | " + " | ".join(s["method"] for s in agg["students"]) + " |",
               "|---:|" + "---:|" * len(agg["students"])]
     for seed, rep in agg["per_seed"].items():
