@@ -5,9 +5,10 @@
     .venv/bin/python scripts/ablation.py --tasks sst2 --seeds 0,1,2 --variants plain,balanced
 
 Each (task, variant) is an `s3ray sweep` in runs/ablation/<task>/<variant>, resumable: rerunning the script
-continues unfinished runs and only rebuilds the table for finished ones. Round 0 (rationales and seed
-synthesis) is the same request set in every variant of a seed, so a variant's seed runs start from a copy of
-the first finished variant's teacher cache: identical requests, identical answers, no tokens spent twice.
+continues unfinished runs and only rebuilds the table for finished ones; `--table-only` runs nothing and
+tabulates the seed runs finished so far. Round 0 (rationales and seed synthesis) is the same request set in
+every variant of a seed, so a variant's seed runs start from a copy of the first finished variant's teacher
+cache: identical requests, identical answers, no tokens spent twice.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+from s3ray.pipeline.sweep import write_sweep_report
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {"sst2": "configs/sst2_quickstart.yaml", "rte": "configs/rte.yaml", "qnli": "configs/qnli.yaml"}
@@ -111,15 +114,16 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     for task, variants in results.items():
         plain_final = variants.get("plain", {}).get("rounds", [{}])[-1].get("test", {}).get("mean")
         n_rounds = max(len(v["rounds"]) for v in variants.values())
-        lines += [f"## {task}", "", "| variant | " + " | ".join(f"round {i}" for i in range(n_rounds))
+        lines += [f"## {task}", "", "| variant | seeds | " + " | ".join(f"round {i}" for i in range(n_rounds))
                   + " | tokens to reach plain's final | val fell | EES majority share |",
-                  "|---|" + "---:|" * (n_rounds + 3)]
+                  "|---|---|" + "---:|" * (n_rounds + 3)]
         for name, agg in variants.items():
             cells = [_pm(r["test"]) for r in agg["rounds"]]
             reach = tokens_to_reach(agg["rounds"], plain_final)
             fell, total = val_falls(agg.get("per_seed", {}))
             share = agg.get("ees_majority_share")
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if plain_final is None else 'not reached' if reach is None else f'{reach:,.0f}'}"
+            used = ", ".join(map(str, agg.get("seeds", []))) or "–"
+            lines.append(f"| {name} | {used} | " + " | ".join(cells) + f" | {'–' if plain_final is None else 'not reached' if reach is None else f'{reach:,.0f}'}"
                          + (f" | {fell} of {total}" if total else " | –")
                          + (f" | {100 * share:.0f}% |" if share is not None else " | – |"))
         students = [s["method"] for s in next(iter(variants.values())).get("students", [])]
@@ -137,6 +141,16 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def finished_seeds(sweep_dir: Path, seeds: list[int]) -> list[int]:
+    """The seeds whose run in `sweep_dir` finished (its report.json says complete)."""
+    done = []
+    for seed in seeds:
+        report = sweep_dir / f"seed{seed}" / "report.json"
+        if report.exists() and json.loads(report.read_text()).get("complete"):
+            done.append(seed)
+    return done
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, from: " + ", ".join(TASKS))
@@ -146,28 +160,37 @@ def main() -> int:
     p.add_argument("--doc", default="docs/ablation.md", help="the table (a .json twin is written beside it)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="passed to every sweep, e.g. baselines.equal_budget=false to measure the loop alone")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: tabulate the seed runs that have finished (a variant with fewer seeds "
+                   "says how many)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     out = (REPO / args.out).resolve()
     results: dict[str, dict[str, dict]] = {}
     for task in args.tasks.split(","):
         for variant in args.variants.split(","):
-            report = run_variant(task, variant, seeds, out, tuple(args.set))
-            agg = json.loads(report.read_text())
-            shares = [x for seed in seeds for x in majority_share(report.parent / f"seed{seed}", len(agg["rounds"]) - 1)]
+            if args.table_only:
+                done = finished_seeds(out / task / variant, seeds)
+                if not done:
+                    continue
+                agg = write_sweep_report(out / task / variant, done)
+            else:
+                done = seeds
+                agg = json.loads(run_variant(task, variant, seeds, out, tuple(args.set)).read_text())
+            shares = [x for seed in done
+                      for x in majority_share(out / task / variant / f"seed{seed}", len(agg["rounds"]) - 1)]
             agg["ees_majority_share"] = sum(shares) / len(shares) if shares else None
             results.setdefault(task, {})[variant] = agg
     doc = REPO / args.doc
-    command = "python scripts/ablation.py " + " ".join(sys.argv[1:])
-    doc.write_text(table(results) + f"\nMade with `{command}`; each sweep's own report: "
-                   f"`{args.out}/<task>/<variant>/sweep_report.md`.\n")
+    command = "python scripts/ablation.py " + " ".join(a for a in sys.argv[1:] if a != "--table-only")
+    doc.write_text(table(results) + f"\nThe runs: `{command}` (resumable; `--table-only` rebuilds this table from "
+                   f"the finished ones); each sweep's own report: `{args.out}/<task>/<variant>/sweep_report.md`.\n")
     doc.with_suffix(".json").write_text(json.dumps(
         {t: {v: {k: a.get(k) for k in ("seeds", "students", "rounds", "ees_majority_share")} for v, a in vs.items()}
          for t, vs in results.items()},
         indent=2))
     print(f"wrote {doc}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

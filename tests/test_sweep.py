@@ -59,7 +59,7 @@ def test_each_seed_gets_its_own_run_directory_and_seed():
     assert seed_config(remote, 1).run.output_dir == "s3://bucket/sw/seed1"  # a URI stays a URI
 
 
-def test_the_ablation_counts_tokens_until_a_round_reaches_the_target():
+def _ablation_script():
     import importlib.util
 
     from conftest import REPO
@@ -67,6 +67,11 @@ def test_the_ablation_counts_tokens_until_a_round_reaches_the_target():
     spec = importlib.util.spec_from_file_location("ablation", REPO / "scripts" / "ablation.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
+    return ablation
+
+
+def test_the_ablation_counts_tokens_until_a_round_reaches_the_target():
+    ablation = _ablation_script()
     rounds = [{"test": {"mean": 0.6}, "teacher_tokens": {"mean": 100.0}},
               {"test": {"mean": 0.75}, "teacher_tokens": {"mean": 50.0}},
               {"test": {"mean": 0.72}, "teacher_tokens": {"mean": 50.0}}]
@@ -74,7 +79,7 @@ def test_the_ablation_counts_tokens_until_a_round_reaches_the_target():
     assert ablation.tokens_to_reach(rounds, 0.8) is None
     rounds = [{**r, "test": {**r["test"], "std": 0.01}} for r in rounds]
     md = ablation.table({"sst2": {"plain": {"rounds": rounds}}})
-    assert "| plain | 60.00 ± 1.00 | 75.00 ± 1.00 | 72.00 ± 1.00 | 150 | – | – |" in md
+    assert "| plain | – | 60.00 ± 1.00 | 75.00 ± 1.00 | 72.00 ± 1.00 | 150 | – | – |" in md
     # Validation falls counted per seed and round; every student's spread; the EES label balance.
     per_seed = {0: {"rounds": [{"val": 0.6}, {"val": 0.58}, {"val": 0.7}], "total_seconds": 600},
                 1: {"rounds": [{"val": 0.6}, {"val": 0.65}, {"val": None}], "total_seconds": 1200}}
@@ -82,6 +87,28 @@ def test_the_ablation_counts_tokens_until_a_round_reaches_the_target():
     md = ablation.table({"sst2": {"balanced": {"rounds": rounds, "per_seed": per_seed, "students": students,
                                                "ees_majority_share": 0.55}}})
     assert "| – | 1 of 3 | 55% |" in md and "| balanced | 72.00 ± 2.00 | 15 |" in md
+
+
+def test_the_ablation_table_only_tabulates_finished_seed_runs_and_runs_nothing(tmp_path, monkeypatch):
+    ablation = _ablation_script()
+    for variant, seeds in (("plain", (0, 1, 2)), ("balanced", (0, 1))):
+        for seed in seeds:
+            run = tmp_path / "runs" / "rte" / variant / f"seed{seed}"
+            run.mkdir(parents=True)
+            report = _report(seed, 0.5 + seed / 100, None, 0.6)
+            report["complete"] = not (variant == "balanced" and seed == 1)  # killed mid-run: not tabulated
+            (run / "report.json").write_text(json.dumps(report))
+    monkeypatch.setattr(ablation, "run_variant", lambda *a, **k: pytest.fail("--table-only ran a sweep"))
+    doc = tmp_path / "ablation.md"
+    monkeypatch.setattr("sys.argv", ["ablation.py", "--tasks", "rte,qnli", "--variants", "plain,balanced,plain_fair",
+                                     "--out", str(tmp_path / "runs"), "--doc", str(doc), "--table-only"])
+    assert ablation.main() == 0
+    md = doc.read_text()
+    assert "| plain | 0, 1, 2 | 55.00 ± 0.00 | 51.00 ± 1.00 |" in md
+    assert "| balanced | 0 | 55.00 ± 0.00 | 50.00 ± 0.00 |" in md
+    assert "| plain_fair |" not in md and "## qnli" not in md  # nothing finished: no row, no section
+    assert "--table-only" not in md.split("The runs:")[1].split("(")[0]  # the command that makes the runs
+    assert json.loads(doc.with_suffix(".json").read_text())["rte"]["balanced"]["seeds"] == [0]
 
 
 def test_resume_continues_the_seeds_that_started_and_starts_the_others(tmp_path):
