@@ -96,9 +96,12 @@ def majority_share(run_dir: Path, rounds: int) -> list[float]:
 
 
 def _pm(s: dict, seeds: int | None = None) -> str:
-    """mean ± std; a figure from fewer seeds than the sweep's says how many."""
+    """mean ± std; a figure from fewer seeds than the sweep's says how many, and one from a single seed is
+    just that seed's figure."""
     if s.get("mean") is None:
         return "–"
+    if s.get("n") == 1 and (not seeds or seeds == 1):
+        return f"{100 * s['mean']:.2f}"
     if seeds and s.get("n") and s["n"] < seeds:
         return f"{100 * s['mean']:.2f} ({s['n']} of {seeds} seeds)"
     return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
