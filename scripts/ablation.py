@@ -184,6 +184,8 @@ def main() -> int:
                       for x in majority_share(out / task / variant / f"seed{seed}", len(agg["rounds"]) - 1)]
             agg["ees_majority_share"] = sum(shares) / len(shares) if shares else None
             results.setdefault(task, {})[variant] = agg
+    if not results:
+        sys.exit(f"no finished seed runs under {out}/<task>/<variant>/: check --out, or run them first")
     doc = REPO / args.doc
     command = "python scripts/ablation.py " + " ".join(a for a in sys.argv[1:] if a != "--table-only")
     doc.write_text(table(results) + f"\nThe runs: `{command}` (resumable; `--table-only` rebuilds this table from "
