@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from s3ray.pipeline.sweep import write_sweep_report
+from s3ray.pipeline.sweep import spread_text, write_sweep_report
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {"sst2": "configs/sst2_quickstart.yaml", "rte": "configs/rte.yaml", "qnli": "configs/qnli.yaml"}
@@ -95,18 +95,6 @@ def majority_share(run_dir: Path, rounds: int) -> list[float]:
     return shares
 
 
-def _pm(s: dict, seeds: int | None = None) -> str:
-    """mean ± std; a figure from fewer seeds than the sweep's says how many, and one from a single seed is
-    just that seed's figure."""
-    if s.get("mean") is None:
-        return "–"
-    if s.get("n") == 1 and (not seeds or seeds == 1):
-        return f"{100 * s['mean']:.2f}"
-    if seeds and s.get("n") and s["n"] < seeds:
-        return f"{100 * s['mean']:.2f} ({s['n']} of {seeds} seeds)"
-    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
-
-
 def table(results: dict[str, dict[str, dict]]) -> str:
     lines = ["# EES ablation: plain vs class-balanced, with and without a fair student budget", "",
              ("Test accuracy (mean ± sample std over seeds) of the S3 student after each round, and the teacher "
@@ -121,7 +109,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                   + " | tokens to reach plain's final | val fell | EES majority share |",
                   "|---|---|" + "---:|" * (n_rounds + 3)]
         for name, agg in variants.items():
-            cells = [_pm(r["test"]) for r in agg["rounds"]]
+            cells = [spread_text(r["test"], len(agg.get("seeds", []))) for r in agg["rounds"]]
             reach = tokens_to_reach(agg["rounds"], plain_final)
             fell, total = val_falls(agg.get("per_seed", {}))
             share = agg.get("ees_majority_share")
@@ -138,7 +126,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                 by = {s["method"]: s["test"] for s in agg["students"]}
                 minutes = [rep.get("total_seconds", 0) / 60 for rep in agg.get("per_seed", {}).values()]
                 seeds = len(agg.get("seeds", []))
-                lines.append(f"| {name} | " + " | ".join(_pm(by.get(m, {}), seeds) for m in students)
+                lines.append(f"| {name} | " + " | ".join(spread_text(by.get(m, {}), seeds) for m in students)
                              + (f" | {sum(minutes) / len(minutes):.0f} |" if minutes else " | – |"))
         lines.append("")
     return "\n".join(lines)
@@ -196,6 +184,7 @@ def main() -> int:
         indent=2))
     print(f"wrote {doc}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -171,12 +171,15 @@ def aggregate(reports: dict[int, dict]) -> dict:
 
 
 def spread_text(s: dict, seeds: int, pct: bool = True) -> str:
-    """Mean ± std; a figure from fewer of the `seeds` runs says how many (one seed has no spread to show)."""
-    if s["mean"] is None:
+    """Mean ± std; a figure from fewer of the `seeds` runs says how many, and a lone seed's has no spread."""
+    if s.get("mean") is None:
         return "–"
     mean = f"{100 * s['mean']:.2f}" if pct else f"{s['mean']:,.0f}"
-    if s["n"] < seeds:
-        return f"{mean} ({s['n']} of {seeds} seeds)"
+    n = s.get("n", seeds)
+    if n < seeds:
+        return f"{mean} ({n} of {seeds} seeds)"
+    if n == 1:
+        return mean
     return f"{mean} ± {100 * s['std']:.2f}" if pct else f"{mean} ± {s['std']:,.0f}"
 
 
