@@ -176,8 +176,14 @@ def main() -> int:
         sys.exit(f"no finished seed runs under {out}/<task>/<variant>/: check --out, or run them first")
     doc = REPO / args.doc
     command = "python scripts/ablation.py " + " ".join(a for a in sys.argv[1:] if a != "--table-only")
+    note = ""
+    if any(s.startswith("baselines.") for s in args.set):
+        # The baselines of a finished run can be added later by resuming it without these --set's.
+        note = (" A '–' in a students table is a baseline these `--set baselines.*=false` switched off; the "
+                "baseline figures shown come from resuming finished runs without those `--set`s.")
     doc.write_text(table(results) + f"\nThe runs: `{command}` (resumable; `--table-only` rebuilds this table from "
-                   f"the finished ones); each sweep's own report: `{args.out}/<task>/<variant>/sweep_report.md`.\n")
+                   f"the finished ones); each sweep's own report: `{args.out}/<task>/<variant>/sweep_report.md`."
+                   + note + "\n")
     doc.with_suffix(".json").write_text(json.dumps(
         {t: {v: {k: a.get(k) for k in ("seeds", "students", "rounds", "ees_majority_share")} for v, a in vs.items()}
          for t, vs in results.items()},
