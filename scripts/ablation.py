@@ -6,9 +6,13 @@
 
 Each (task, variant) is an `s3ray sweep` in runs/ablation/<task>/<variant>, resumable: rerunning the script
 continues unfinished runs and only rebuilds the table for finished ones; `--table-only` runs nothing and
-tabulates the seed runs finished so far. Round 0 (rationales and seed synthesis) is the same request set in
-every variant of a seed, so a variant's seed runs start from a copy of the first finished variant's teacher
-cache: identical requests, identical answers, no tokens spent twice.
+tabulates the seed runs finished so far. Every finished seed run's report (a few KB) is recorded in the .json
+twin of the table, which is under version control: the table is rebuilt from that record plus any newer runs,
+so seeds run on different machines or days add up, and losing a run directory loses nothing.
+
+Round 0 (rationales and seed synthesis) is the same request set in every variant of a seed, so a variant's
+seed runs start from a copy of the first finished variant's teacher cache: identical requests, identical
+answers, no tokens spent twice.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from s3ray.pipeline.sweep import spread_text, write_sweep_report
+from s3ray.pipeline.sweep import aggregate, spread_text, write_sweep_report
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {"sst2": "configs/sst2_quickstart.yaml", "rte": "configs/rte.yaml", "qnli": "configs/qnli.yaml"}
@@ -81,18 +85,38 @@ def val_falls(per_seed: dict) -> tuple[int, int]:
     return fell, total
 
 
-def majority_share(run_dir: Path, rounds: int) -> list[float]:
-    """Per EES round (1..rounds) of one seed run, the largest label's share of the round's new rows."""
-    import pyarrow.parquet as pq
+def majority_shares(report: dict) -> list[float]:
+    """Per EES round (1..) of one seed run, the largest label's share of the round's new rows."""
+    counts = [r.get("new_by_label") or {} for r in report["rounds"][1:]]
+    return [max(c.values()) / sum(c.values()) for c in counts if sum(c.values())]
 
-    shares = []
-    for r in range(1, rounds + 1):
-        path = run_dir / "rounds" / f"round_{r}.parquet"
-        if path.exists():
-            labels = pq.read_table(path, columns=["label"]).column("label").to_pylist()
-            if labels:
-                shares.append(max(labels.count(x) for x in set(labels)) / len(labels))
-    return shares
+
+# What a seed run's report.json keeps in the record: enough to re-aggregate, without per-step generation logs.
+RECORD_KEYS = ("run", "task", "metric", "secondary_metric", "comparison", "rounds", "complete", "total_seconds")
+
+
+def cell(reports: dict[int, dict]) -> dict:
+    """One (task, variant) of the table from its seed runs' reports: spread over seeds plus the ablation's columns."""
+    reports = {seed: {k: rep[k] for k in RECORD_KEYS if k in rep} for seed, rep in sorted(reports.items())}
+    agg = aggregate(reports)
+    shares = [x for rep in reports.values() for x in majority_shares(rep)]
+    agg["ees_majority_share"] = sum(shares) / len(shares) if shares else None
+    agg["val_fell"] = list(val_falls(reports))
+    minutes = [rep["total_seconds"] / 60 for rep in reports.values() if rep.get("total_seconds")]
+    agg["minutes_per_seed"] = sum(minutes) / len(minutes) if minutes else None
+    return agg
+
+
+def read_record(path: Path) -> dict[str, dict[str, dict]]:
+    """The committed record (the table's .json twin); seed keys back to ints after the JSON round trip."""
+    if not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    for variants in record.values():
+        for agg in variants.values():
+            if "per_seed" in agg:
+                agg["per_seed"] = {int(k): v for k, v in agg["per_seed"].items()}
+    return record
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
@@ -111,7 +135,8 @@ def table(results: dict[str, dict[str, dict]]) -> str:
         for name, agg in variants.items():
             cells = [spread_text(r["test"], len(agg.get("seeds", []))) for r in agg["rounds"]]
             reach = tokens_to_reach(agg["rounds"], plain_final)
-            fell, total = val_falls(agg.get("per_seed", {}))
+            # A cell recorded before per-seed reports were kept carries its counts instead.
+            fell, total = val_falls(agg["per_seed"]) if "per_seed" in agg else agg.get("val_fell") or (0, 0)
             share = agg.get("ees_majority_share")
             used = ", ".join(map(str, agg.get("seeds", []))) or "–"
             lines.append(f"| {name} | {used} | " + " | ".join(cells) + f" | {'–' if plain_final is None else 'not reached' if reach is None else f'{reach:,.0f}'}"
@@ -123,11 +148,12 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                       "| variant | " + " | ".join(students) + " | minutes per seed run |",
                       "|---|" + "---:|" * (len(students) + 1)]
             for name, agg in variants.items():
-                by = {s["method"]: s["test"] for s in agg["students"]}
-                minutes = [rep.get("total_seconds", 0) / 60 for rep in agg.get("per_seed", {}).values()]
+                by = {s["method"]: s["test"] for s in agg.get("students", [])}
+                minutes = [(rep.get("total_seconds") or 0) / 60 for rep in agg.get("per_seed", {}).values()]
+                minutes = sum(minutes) / len(minutes) if minutes else agg.get("minutes_per_seed")
                 seeds = len(agg.get("seeds", []))
                 lines.append(f"| {name} | " + " | ".join(spread_text(by.get(m, {}), seeds) for m in students)
-                             + (f" | {sum(minutes) / len(minutes):.0f} |" if minutes else " | – |"))
+                             + (f" | {minutes:.0f} |" if minutes else " | – |"))
         lines.append("")
     return "\n".join(lines)
 
@@ -157,24 +183,29 @@ def main() -> int:
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     out = (REPO / args.out).resolve()
-    results: dict[str, dict[str, dict]] = {}
+    doc = REPO / args.doc
+    record = read_record(doc.with_suffix(".json"))
     for task in args.tasks.split(","):
         for variant in args.variants.split(","):
-            if args.table_only:
-                done = finished_seeds(out / task / variant, seeds)
-                if not done:
-                    continue
-                agg = write_sweep_report(out / task / variant, done)
-            else:
-                done = seeds
-                agg = json.loads(run_variant(task, variant, seeds, out, tuple(args.set)).read_text())
-            shares = [x for seed in done
-                      for x in majority_share(out / task / variant / f"seed{seed}", len(agg["rounds"]) - 1)]
-            agg["ees_majority_share"] = sum(shares) / len(shares) if shares else None
-            results.setdefault(task, {})[variant] = agg
+            if not args.table_only:
+                run_variant(task, variant, seeds, out, tuple(args.set))
+            done = finished_seeds(out / task / variant, seeds)
+            if done:
+                write_sweep_report(out / task / variant, done)
+            fresh = {seed: json.loads((out / task / variant / f"seed{seed}" / "report.json").read_text())
+                     for seed in done}
+            old = record.get(task, {}).get(variant, {})
+            if fresh and old and "per_seed" not in old:
+                print(f"{task}/{variant}: replacing a cell recorded without per-seed reports "
+                      f"(seeds {old.get('seeds')}) by the runs under {out}", file=sys.stderr)
+                old = {}
+            reports = {**old.get("per_seed", {}), **fresh}  # a seed run here supersedes its recorded twin
+            if fresh:
+                record.setdefault(task, {})[variant] = cell(reports)
+    # The table lists every recorded cell, in the order of TASKS and VARIANTS.
+    results = {t: {v: record[t][v] for v in VARIANTS if v in record.get(t, {})} for t in TASKS if record.get(t)}
     if not results:
         sys.exit(f"no finished seed runs under {out}/<task>/<variant>/: check --out, or run them first")
-    doc = REPO / args.doc
     command = "python scripts/ablation.py " + " ".join(a for a in sys.argv[1:] if a != "--table-only")
     note = ""
     if any(s.startswith("baselines.") for s in args.set):
@@ -182,12 +213,12 @@ def main() -> int:
         note = (" A '–' in a students table is a baseline these `--set baselines.*=false` switched off; the "
                 "baseline figures shown come from resuming finished runs without those `--set`s.")
     doc.write_text(table(results) + f"\nThe runs: `{command}` (resumable; `--table-only` rebuilds this table from "
-                   f"the finished ones); each sweep's own report: `{args.out}/<task>/<variant>/sweep_report.md`."
-                   + note + "\n")
+                   f"the finished ones); each sweep's own report: `{args.out}/<task>/<variant>/sweep_report.md`. "
+                   f"Every seed run's report is recorded in `{doc.with_suffix('.json').name}`, from which the table "
+                   "is rebuilt when those run directories are gone." + note + "\n")
+    keys = ("seeds", "students", "rounds", "ees_majority_share", "val_fell", "minutes_per_seed", "per_seed")
     doc.with_suffix(".json").write_text(json.dumps(
-        {t: {v: {k: a.get(k) for k in ("seeds", "students", "rounds", "ees_majority_share")} for v, a in vs.items()}
-         for t, vs in results.items()},
-        indent=2))
+        {t: {v: {k: a[k] for k in keys if k in a} for v, a in vs.items()} for t, vs in results.items()}, indent=1))
     print(f"wrote {doc}")
     return 0
 

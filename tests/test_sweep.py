@@ -1,6 +1,7 @@
 """The sweep's aggregation, on run directories with known numbers."""
 
 import json
+import shutil
 import statistics
 
 import pytest
@@ -109,6 +110,43 @@ def test_the_ablation_table_only_tabulates_finished_seed_runs_and_runs_nothing(t
     assert "| plain_fair |" not in md and "## qnli" not in md  # nothing finished: no row, no section
     assert "--table-only" not in md.split("The runs:")[1].split("(")[0]  # the command that makes the runs
     assert json.loads(doc.with_suffix(".json").read_text())["rte"]["balanced"]["seeds"] == [0]
+
+
+def test_the_ablation_record_adds_new_seed_runs_to_the_committed_ones(tmp_path, monkeypatch):
+    """Seeds run on another day (their run directories gone) stay in the table through the committed .json."""
+    ablation = _ablation_script()
+    doc, runs = tmp_path / "ablation.md", tmp_path / "runs"
+
+    def finish(task: str, variant: str, seed: int, s3: float, by_label: dict) -> None:
+        run = runs / task / variant / f"seed{seed}"
+        run.mkdir(parents=True)
+        report = _report(seed, s3, None, 0.6)
+        report["rounds"][1]["new_by_label"] = by_label
+        (run / "report.json").write_text(json.dumps({**report, "total_seconds": 600, "generation": ["dropped"]}))
+
+    finish("rte", "plain", 0, 0.50, {"entailment": 30, "not_entailment": 10})
+    finish("rte", "plain", 1, 0.54, {"entailment": 20, "not_entailment": 20})
+    legacy = {"seeds": [0, 1, 2], "rounds": [{"test": {"mean": 0.7, "std": 0.01, "n": 3},
+                                              "teacher_tokens": {"mean": 70}}],
+              "val_fell": [2, 6], "minutes_per_seed": 30.0}  # recorded before per-seed reports were kept
+    doc.with_suffix(".json").write_text(json.dumps({"qnli": {"plain": legacy}}))
+    argv = ["ablation.py", "--tasks", "rte", "--variants", "plain", "--out", str(runs), "--doc", str(doc),
+            "--table-only"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert ablation.main() == 0
+    record = json.loads(doc.with_suffix(".json").read_text())
+    assert record["rte"]["plain"]["seeds"] == [0, 1] and record["qnli"]["plain"] == legacy
+    assert "generation" not in record["rte"]["plain"]["per_seed"]["0"]  # the record keeps what re-aggregates
+    assert record["rte"]["plain"]["ees_majority_share"] == 0.625  # 75% and 50% of the round-1 rows
+
+    shutil.rmtree(runs)  # seeds 0 and 1 now live only in the record; seed 2 runs on another machine
+    finish("rte", "plain", 2, 0.58, {"entailment": 10, "not_entailment": 30})
+    monkeypatch.setattr("sys.argv", argv[:5] + ["--seeds", "0,1,2"] + argv[5:])
+    assert ablation.main() == 0
+    md = doc.read_text()
+    assert "| plain | 0, 1, 2 | 55.00 ± 0.00 | 54.00 ± 4.00 |" in md
+    assert "| plain | 0, 1, 2 | 70.00 ± 1.00 | 70 | 2 of 6 | – |" in md  # the legacy cell, as recorded
+    assert json.loads(doc.with_suffix(".json").read_text())["rte"]["plain"]["seeds"] == [0, 1, 2]
 
 
 def test_resume_continues_the_seeds_that_started_and_starts_the_others(tmp_path):
