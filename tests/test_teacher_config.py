@@ -38,3 +38,25 @@ def test_explain_lists_the_nested_engine_settings():
     for field in ("teacher.vllm.kv_cache_space_gb", "teacher.transformers.engine_args", "teacher.max_attempts",
                   "teacher.start_timeout_s", "teacher.request_timeout_s"):
         assert f"  {field} (" in lines
+
+
+def test_two_converters_of_the_embedded_teacher_publish_one_folder_and_keep_the_first(tmp_path):
+    """Two processes converting the GGUF at once on a fresh node: the second keeps the first's folder."""
+    from s3ray.models import publish_folder
+
+    dest = tmp_path / "smollm2-135m-instruct"
+    first, second = tmp_path / "smollm2.tmp-a", tmp_path / "smollm2.tmp-b"
+    for folder, who in ((first, "first"), (second, "second")):
+        folder.mkdir()
+        (folder / "config.json").write_text(who)
+    assert publish_folder(first, dest) == dest and publish_folder(second, dest) == dest
+    assert (dest / "config.json").read_text() == "first" and not first.exists() and not second.exists()
+    # A destination that is in the way but unfinished is an error, not silently kept.
+    third = tmp_path / "smollm2.tmp-c"
+    third.mkdir()
+    (third / "config.json").write_text("third")
+    broken = tmp_path / "broken"
+    (broken / "half").mkdir(parents=True)
+    with pytest.raises(OSError):
+        publish_folder(third, broken)
+    assert third.exists()
