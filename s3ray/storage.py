@@ -240,11 +240,25 @@ def download_dir(uri: str, cache_dir: str | Path) -> Path:
     tmp.mkdir(parents=True)  # copy_files makes sub-folders, not always the top one
     try:
         pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(tmp, dest)
+        return publish_local_dir(tmp, dest)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not dest.is_dir():  # else another process on this node finished the same download first
             raise StorageError(f"downloading {uri} to {dest} failed: {exc}") from exc
+    return dest
+
+
+def publish_local_dir(tmp: Path, dest: Path, marker: str | None = None) -> Path:
+    """Move a finished `tmp` folder to `dest` in one rename, so a half-written folder is never mistaken for a
+    finished one. Several processes on one node may build the same folder at once: if another published `dest`
+    first (it is a folder, holding `marker` if given), keep theirs and drop ours."""
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        published = (dest / marker).is_file() if marker else dest.is_dir()
+        if not published:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -101,9 +101,6 @@ def cell(reports: dict[int, dict]) -> dict:
     agg = aggregate(reports)
     shares = [x for rep in reports.values() for x in majority_shares(rep)]
     agg["ees_majority_share"] = sum(shares) / len(shares) if shares else None
-    agg["val_fell"] = list(val_falls(reports))
-    minutes = [rep["total_seconds"] / 60 for rep in reports.values() if rep.get("total_seconds")]
-    agg["minutes_per_seed"] = sum(minutes) / len(minutes) if minutes else None
     return agg
 
 
@@ -135,7 +132,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
         for name, agg in variants.items():
             cells = [spread_text(r["test"], len(agg.get("seeds", []))) for r in agg["rounds"]]
             reach = tokens_to_reach(agg["rounds"], plain_final)
-            # A cell recorded before per-seed reports were kept carries its counts instead.
+            # A cell recorded before per-seed reports were kept carries these counts (and its minutes) instead.
             fell, total = val_falls(agg["per_seed"]) if "per_seed" in agg else agg.get("val_fell") or (0, 0)
             share = agg.get("ees_majority_share")
             used = ", ".join(map(str, agg.get("seeds", []))) or "–"
@@ -190,10 +187,7 @@ def main() -> int:
             if not args.table_only:
                 run_variant(task, variant, seeds, out, tuple(args.set))
             done = finished_seeds(out / task / variant, seeds)
-            if done:
-                write_sweep_report(out / task / variant, done)
-            fresh = {seed: json.loads((out / task / variant / f"seed{seed}" / "report.json").read_text())
-                     for seed in done}
+            fresh = write_sweep_report(out / task / variant, done)["per_seed"] if done else {}
             old = record.get(task, {}).get(variant, {})
             if fresh and old and "per_seed" not in old:
                 print(f"{task}/{variant}: replacing a cell recorded without per-seed reports "

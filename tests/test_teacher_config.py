@@ -42,7 +42,10 @@ def test_explain_lists_the_nested_engine_settings():
 
 def test_two_converters_of_the_embedded_teacher_publish_one_folder_and_keep_the_first(tmp_path):
     """Two processes converting the GGUF at once on a fresh node: the second keeps the first's folder."""
-    from s3ray.models import publish_folder
+    from s3ray.storage import publish_local_dir
+
+    def publish_folder(tmp, dest):
+        return publish_local_dir(tmp, dest, marker="config.json")  # as the teacher's conversion calls it
 
     dest = tmp_path / "smollm2-135m-instruct"
     first, second = tmp_path / "smollm2.tmp-a", tmp_path / "smollm2.tmp-b"
