@@ -8,7 +8,9 @@ Each (task, variant) is an `s3ray sweep` in runs/ablation/<task>/<variant>, resu
 continues unfinished runs and only rebuilds the table for finished ones; `--table-only` runs nothing and
 tabulates the seed runs finished so far. Every finished seed run's report (a few KB) is recorded in the .json
 twin of the table, which is under version control: the table is rebuilt from that record plus any newer runs,
-so seeds run on different machines or days add up, and losing a run directory loses nothing.
+so seeds run on different machines or days add up, and losing a run directory loses nothing. A cell recorded
+before per-seed reports were kept (aggregates only) stays as recorded until reruns of all its seeds are in;
+the reruns finished so far are recorded beside it, so they too may run one seed per call.
 
 Round 0 (rationales and seed synthesis) is the same request set in every variant of a seed, so a variant's
 seed runs start from a copy of the first finished variant's teacher cache: identical requests, identical
@@ -95,9 +97,14 @@ def majority_shares(report: dict) -> list[float]:
 RECORD_KEYS = ("run", "task", "metric", "secondary_metric", "comparison", "rounds", "complete", "total_seconds")
 
 
+def trim(reports: dict[int, dict]) -> dict[int, dict]:
+    """Seed runs' reports cut to what re-aggregates them (the per-step generation logs go)."""
+    return {seed: {k: rep[k] for k in RECORD_KEYS if k in rep} for seed, rep in sorted(reports.items())}
+
+
 def cell(reports: dict[int, dict]) -> dict:
     """One (task, variant) of the table from its seed runs' reports: spread over seeds plus the ablation's columns."""
-    reports = {seed: {k: rep[k] for k in RECORD_KEYS if k in rep} for seed, rep in sorted(reports.items())}
+    reports = trim(reports)
     agg = aggregate(reports)
     shares = [x for rep in reports.values() for x in majority_shares(rep)]
     agg["ees_majority_share"] = sum(shares) / len(shares) if shares else None
@@ -111,8 +118,9 @@ def read_record(path: Path) -> dict[str, dict[str, dict]]:
     record = json.loads(path.read_text())
     for variants in record.values():
         for agg in variants.values():
-            if "per_seed" in agg:
-                agg["per_seed"] = {int(k): v for k, v in agg["per_seed"].items()}
+            for key in ("per_seed", "reruns"):
+                if key in agg:
+                    agg[key] = {int(k): v for k, v in agg[key].items()}
     return record
 
 
@@ -136,6 +144,8 @@ def table(results: dict[str, dict[str, dict]]) -> str:
             fell, total = val_falls(agg["per_seed"]) if "per_seed" in agg else agg.get("val_fell") or (0, 0)
             share = agg.get("ees_majority_share")
             used = ", ".join(map(str, agg.get("seeds", []))) or "–"
+            if agg.get("reruns"):  # an aggregates-only cell whose seeds are being rerun
+                used += " (rerun so far: " + ", ".join(map(str, agg["reruns"])) + ")"
             lines.append(f"| {name} | {used} | " + " | ".join(cells) + f" | {'–' if plain_final is None else 'not reached' if reach is None else f'{reach:,.0f}'}"
                          + (f" | {fell} of {total}" if total else " | –")
                          + (f" | {100 * share:.0f}% |" if share is not None else " | – |"))
@@ -190,9 +200,16 @@ def main() -> int:
             fresh = write_sweep_report(out / task / variant, done)["per_seed"] if done else {}
             old = record.get(task, {}).get(variant, {})
             if fresh and old and "per_seed" not in old:
-                print(f"{task}/{variant}: replacing a cell recorded without per-seed reports "
-                      f"(seeds {old.get('seeds')}) by the runs under {out}", file=sys.stderr)
-                old = {}
+                # A cell recorded with aggregates only: its seeds are rerun one call (or machine) at a time,
+                # so it stays as recorded, with the reruns kept beside it, until they cover all its seeds.
+                reruns = {**old.get("reruns", {}), **trim(fresh)}
+                if not set(old.get("seeds", [])) <= set(reruns):
+                    print(f"{task}/{variant}: kept the cell recorded without per-seed reports (seeds "
+                          f"{old.get('seeds')}) until its reruns cover them; reruns so far: {sorted(reruns)}",
+                          file=sys.stderr)
+                    old["reruns"] = reruns
+                    continue
+                old, fresh = {}, reruns
             reports = {**old.get("per_seed", {}), **fresh}  # a seed run here supersedes its recorded twin
             if fresh:
                 record.setdefault(task, {})[variant] = cell(reports)
@@ -210,7 +227,7 @@ def main() -> int:
                    f"the finished ones); each sweep's own report: `{args.out}/<task>/<variant>/sweep_report.md`. "
                    f"Every seed run's report is recorded in `{doc.with_suffix('.json').name}`, from which the table "
                    "is rebuilt when those run directories are gone." + note + "\n")
-    keys = ("seeds", "students", "rounds", "ees_majority_share", "val_fell", "minutes_per_seed", "per_seed")
+    keys = ("seeds", "students", "rounds", "ees_majority_share", "val_fell", "minutes_per_seed", "per_seed", "reruns")
     doc.with_suffix(".json").write_text(json.dumps(
         {t: {v: {k: a[k] for k in keys if k in a} for v, a in vs.items()} for t, vs in results.items()}, indent=1))
     print(f"wrote {doc}")

@@ -149,6 +149,32 @@ def test_the_ablation_record_adds_new_seed_runs_to_the_committed_ones(tmp_path, 
     assert json.loads(doc.with_suffix(".json").read_text())["rte"]["plain"]["seeds"] == [0, 1, 2]
 
 
+def test_an_aggregates_only_cell_stays_until_reruns_of_all_its_seeds_are_recorded(tmp_path, monkeypatch):
+    """Rerunning an old cell one seed per call (or machine) never shrinks it to fewer seeds, and loses no rerun."""
+    ablation = _ablation_script()
+    doc, runs = tmp_path / "ablation.md", tmp_path / "runs"
+    legacy = {"seeds": [0, 1], "rounds": [{"test": {"mean": 0.7, "std": 0.01, "n": 2}, "teacher_tokens": {"mean": 70}}],
+              "val_fell": [1, 4]}
+    doc.with_suffix(".json").write_text(json.dumps({"qnli": {"plain": legacy}}))
+
+    def rerun(seed: int, s3: float) -> None:
+        (runs / "qnli" / "plain" / f"seed{seed}").mkdir(parents=True)
+        (runs / "qnli" / "plain" / f"seed{seed}" / "report.json").write_text(json.dumps(_report(seed, s3, None, 0.6)))
+        monkeypatch.setattr("sys.argv", ["ablation.py", "--tasks", "qnli", "--variants", "plain", "--seeds",
+                                         str(seed), "--out", str(runs), "--doc", str(doc), "--table-only"])
+        assert ablation.main() == 0
+        shutil.rmtree(runs)  # each rerun ran on a machine whose run directories are gone afterwards
+
+    rerun(0, 0.50)
+    kept = json.loads(doc.with_suffix(".json").read_text())["qnli"]["plain"]
+    assert kept["rounds"] == legacy["rounds"] and sorted(kept["reruns"]) == ["0"] and "per_seed" not in kept
+    assert "| plain | 0, 1 (rerun so far: 0) | 70.00 ± 1.00 |" in doc.read_text()
+    rerun(1, 0.54)
+    cell = json.loads(doc.with_suffix(".json").read_text())["qnli"]["plain"]
+    assert sorted(cell["per_seed"]) == ["0", "1"] and "reruns" not in cell and "val_fell" not in cell
+    assert "| plain | 0, 1 | 55.00 ± 0.00 | 52.00 ± 2.83 |" in doc.read_text()
+
+
 def test_resume_continues_the_seeds_that_started_and_starts_the_others(tmp_path):
     from s3ray.pipeline.sweep import seed_resumes
 
