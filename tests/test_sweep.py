@@ -266,3 +266,53 @@ def test_the_ablation_copies_a_cache_that_a_running_sibling_still_writes(tmp_pat
     live.close()
     with sqlite3.connect(tmp_path / "copy.sqlite") as copy:
         assert copy.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 100
+
+
+def _finetune_experiment_script():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("finetune_experiment", REPO / "scripts" / "finetune_experiment.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _ft_arm(test_acc: float, rows: int, agreement: float | None = None) -> dict:
+    steps = {"finetune": {"result": {"skipped": "training.method=none"}, "seconds": 0.0},
+             "student": {"result": {"n_train": rows, "best_epoch": 2, "val_metrics": {"accuracy": 0.7},
+                                    "test_metrics": {"accuracy": test_acc, "macro_f1": test_acc - 0.01}},
+                         "seconds": 30.0}}
+    if agreement is not None:
+        steps["annotate"] = {"result": {"agreement": agreement, "agreement_kept": agreement, "coverage": 0.5,
+                                        "n": 2 * rows}, "seconds": 100.0}
+    return {"command": "s3ray finetune configs/finetune/sst2-smollm2-experiment.yaml --resume", "steps": steps}
+
+
+def test_the_finetune_experiment_record_keeps_seed_0_and_adds_seeds_run_later(tmp_path):
+    """A record written before --seeds is seed 0; a seed finished later (in its own seed<S> folders) adds to it,
+    and the report gives each arm's mean ± std over the seeds that finished it."""
+    script = _finetune_experiment_script()
+    doc, out = tmp_path / "ft.md", tmp_path / "runs"
+    old = {"gold-125": _ft_arm(0.70, 125), "ft-annotate": _ft_arm(0.50, 900, agreement=0.54)}
+    doc.with_suffix(".json").write_text(json.dumps({"meta": {}, "results": {"sst2": old}}))
+    finished = out / "sst2" / "seed1" / "gold-125"  # seed 1's gold-125 ran elsewhere; only its files are here
+    finished.mkdir(parents=True)
+    arm = _ft_arm(0.74, 125)
+    (finished / "report.json").write_text("{}")
+    (finished / "manifest.json").write_text(json.dumps({
+        "steps": arm["steps"], "config": {"data": {"pool_size": None}, "generate": {"per_label": 500}}}))
+
+    assert script.main(["--collect", "--tasks", "sst2", "--seeds", "1", "--arms", "gold-125,ft-generate",
+                        "--out", str(out), "--doc", str(doc)]) == 0
+    results = json.loads(doc.with_suffix(".json").read_text())["results"]["sst2"]
+    assert sorted(results) == ["0", "1"] and results["0"] == old  # seed 0 kept as recorded
+    assert results["1"]["gold-125"]["steps"]["student"]["result"]["n_train"] == 125
+    pending = results["1"]["ft-generate"]  # not run yet: its command is seed 1's, on seed 1's fine-tune
+    assert "unfinished" in pending and "--set run.seed=1" in pending["command"]
+    assert f"model.path={out / 'sst2' / 'seed1' / 'ft-annotate' / 'export'}" in pending["command"]
+    md = doc.read_text()
+    assert "| gold-125 | 72.00 ± 2.83 | 71.00 ± 2.83 | 125 ± 0 | — |" in md
+    assert "| ft-annotate | 50.00 (1 of 2 seeds) | 49.00 (1 of 2 seeds) | 900 (1 of 2 seeds) | 54.00 (1 of 2 seeds) |" in md
+    assert "### sst2, seed 0" in md and "### sst2, seed 1" in md and "**unfinished**" in md

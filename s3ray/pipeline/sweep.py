@@ -143,7 +143,8 @@ def _seed_task(cfg: S3Config, resume: bool, inputs, cwd: str) -> None:
         handler.close()
 
 
-def _spread(values: list[float | None]) -> dict:
+def spread(values: list[float | None]) -> dict:
+    """Mean, sample std and count of the values present (None = a seed without that figure)."""
     xs = [v for v in values if v is not None]
     if not xs:
         return {"mean": None, "std": None, "n": 0}
@@ -157,12 +158,12 @@ def aggregate(reports: dict[int, dict]) -> dict:
     students = []
     for m in methods:
         rows = [next((c for c in r["comparison"] if c["method"] == m), {}) for r in reports.values()]
-        students.append({"method": m, **{k: _spread([row.get(k) for row in rows])
+        students.append({"method": m, **{k: spread([row.get(k) for row in rows])
                                          for k in ("val", "test", "test_secondary", "train_rows")}})
     rounds = []
     for i in range(len(first["rounds"])):
         rows = [r["rounds"][i] for r in reports.values() if i < len(r["rounds"])]
-        rounds.append({"round": i, **{k: _spread([row.get(k) for row in rows])
+        rounds.append({"round": i, **{k: spread([row.get(k) for row in rows])
                                       for k in ("val", "test", "total_rows", "errors_mined", "teacher_tokens")}})
     return {"run": first["run"].split(" (seed")[0], "task": first["task"], "metric": first["metric"],
             "secondary_metric": first.get("secondary_metric"), "seeds": list(reports), "students": students,
