@@ -124,6 +124,22 @@ def job_env_vars(joining: bool) -> dict[str, str]:
     return {k: os.environ[k] for k in forwarded if k in os.environ}
 
 
+def fit_keeping_ctrl_c(trainer):
+    """`trainer.fit()` of a Ray Train trainer, with Ctrl-C working afterwards as it did before. Ray Train's
+    fit installs its own SIGINT handler (abort this training run) and leaves it installed, so after the first
+    student a Ctrl-C during synthesis only asked a finished controller to abort and the run went on."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        return trainer.fit()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def cluster_address(address: str | None) -> str | None:
     """`address`, else $RAY_ADDRESS (set for a `ray job submit` entrypoint, as `ray.init()` reads it): code
     that would start a local cluster, a benchmark say, joins the job's cluster instead."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,11 @@ def test_ddp_two_workers_best_epoch_and_ray_data_predictor(ray_local, tiny_stude
     )
     train, val = sst2_rows[:150], sst2_rows[150:200]
     res = train_student(train, val, task, cfg, str(tiny_student_dir), tmp_path, seed=0, desc="ddp test")
+    # Ray Train's fit leaves its own SIGINT handler behind; s3ray restores the caller's, so a Ctrl-C after a
+    # student trained (in the next synthesis step) still interrupts the run.
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)
 
     assert [h["epoch"] for h in res.history] == list(range(1, 7))
     # Both workers trained, each on its half of the rows, every epoch.

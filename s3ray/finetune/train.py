@@ -82,7 +82,7 @@ def finetune_teacher(
     from transformers import AutoTokenizer
 
     from s3ray.finetune.worker import train_loop
-    from s3ray.runtime import init_ray
+    from s3ray.runtime import fit_keeping_ctrl_c, init_ray
 
     check_can_train(cfg)
     plan, text = require_fit(cfg)
@@ -121,7 +121,7 @@ def finetune_teacher(
     )
     log.info("fine-tuning %s on %d examples: %d worker(s) x %d CPU, %s, ZeRO-%d",
              path, len(encoded), workers, threads, cfg.training.method, cfg.training.zero_stage)
-    result = trainer.fit()
+    result = fit_keeping_ctrl_c(trainer)
     if getattr(result, "error", None):
         raise RuntimeError("teacher fine-tune: Ray Train failed") from result.error
     return _collect(result, out_dir, len(encoded), dropped, time.perf_counter() - t0, plan)

@@ -30,7 +30,7 @@ from s3ray import storage
 from s3ray.capacity import describe_nodes, place, shape, worker_cpus, worker_unit
 from s3ray.config import StudentConfig
 from s3ray.models import on_this_node
-from s3ray.runtime import init_ray, local_cores, node_resources
+from s3ray.runtime import fit_keeping_ctrl_c, init_ray, local_cores, node_resources
 from s3ray.student.embedding_head import fit_embedding_head
 from s3ray.student.predict import StudentPredictor
 from s3ray.student.worker import train_loop
@@ -181,7 +181,7 @@ def _fit(train_config: dict, cfg: StudentConfig, threads: int, out_dir: Path, de
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
-    result = trainer.fit()
+    result = fit_keeping_ctrl_c(trainer)
     if getattr(result, "error", None):
         raise RuntimeError(f"{desc}: Ray Train failed") from result.error
     if result.checkpoint is None or not result.metrics:
