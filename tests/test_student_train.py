@@ -34,9 +34,12 @@ def test_ddp_two_workers_best_epoch_and_ray_data_predictor(ray_local, tiny_stude
         epochs=6, batch_size=8, learning_rate=5e-3, max_length=64, num_workers=2, warmup_ratio=0.1
     )
     train, val = sst2_rows[:150], sst2_rows[150:200]
-    res = train_student(train, val, task, cfg, str(tiny_student_dir), tmp_path, seed=0, desc="ddp test")
     # Ray Train's fit leaves its own SIGINT handler behind; s3ray restores the caller's, so a Ctrl-C after a
-    # student trained (in the next synthesis step) still interrupts the run.
+    # student trained (in the next synthesis step) still interrupts the run. The caller's handler is Python's
+    # own here (earlier tests in this process may have installed another).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    res = train_student(train, val, task, cfg, str(tiny_student_dir), tmp_path, seed=0, desc="ddp test")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(10)
