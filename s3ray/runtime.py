@@ -137,7 +137,8 @@ def fit_keeping_ctrl_c(trainer):
     try:
         return trainer.fit()
     finally:
-        signal.signal(signal.SIGINT, before)
+        if before is not None:  # None: a handler set outside Python, which cannot be put back from here
+            signal.signal(signal.SIGINT, before)
 
 
 def cluster_address(address: str | None) -> str | None:
