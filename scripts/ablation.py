@@ -41,6 +41,17 @@ VARIANTS = {
 }
 
 
+# How the table's cells come about, for the doc: they add up over many calls, so no one command line made it.
+LOOP_ONLY = "--set baselines.equal_budget=false --set baselines.real_validation=false --set baselines.s3_plus_real=false"
+HOW_RUN = (
+    "How the cells were run: `python scripts/ablation.py --tasks T --variants V --seeds S`, any subset per call "
+    "(resumable; `--table-only` rebuilds this table from the finished runs); each sweep's own report: "
+    "`runs/ablation/<task>/<variant>/sweep_report.md`. The loop-only cells ran with `" + LOOP_ONLY + "`; a '–' "
+    "in a students table is a baseline switched off that way. The baseline students come from full runs "
+    "without those `--set`s (resumed finished runs, or one seed per call). Every seed run's report is recorded "
+    "in `ablation.json`, from which the table is rebuilt when those run directories are gone.\n"
+)
+
 def copy_cache(src: Path, dest: Path) -> None:
     """A consistent copy of a teacher cache, even one a running sibling is writing (SQLite's backup API
     includes what is still in its write-ahead log; a file copy would not)."""
@@ -191,42 +202,36 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = (REPO / args.out).resolve()
     doc = REPO / args.doc
+    cells = [(task, variant) for task in args.tasks.split(",") for variant in args.variants.split(",")]
+    if not args.table_only:
+        for task, variant in cells:
+            run_variant(task, variant, seeds, out, tuple(args.set))
+    # Read the record only now, after hours of runs: another call (another task or seed) may have added to it
+    # meanwhile, and what it added must survive this call's write.
     record = read_record(doc.with_suffix(".json"))
-    for task in args.tasks.split(","):
-        for variant in args.variants.split(","):
-            if not args.table_only:
-                run_variant(task, variant, seeds, out, tuple(args.set))
-            done = finished_seeds(out / task / variant, seeds)
-            fresh = write_sweep_report(out / task / variant, done)["per_seed"] if done else {}
-            old = record.get(task, {}).get(variant, {})
-            if fresh and old and "per_seed" not in old:
-                # A cell recorded with aggregates only: its seeds are rerun one call (or machine) at a time,
-                # so it stays as recorded, with the reruns kept beside it, until they cover all its seeds.
-                reruns = {**old.get("reruns", {}), **trim(fresh)}
-                if not set(old.get("seeds", [])) <= set(reruns):
-                    print(f"{task}/{variant}: kept the cell recorded without per-seed reports (seeds "
-                          f"{old.get('seeds')}) until its reruns cover them; reruns so far: {sorted(reruns)}",
-                          file=sys.stderr)
-                    old["reruns"] = reruns
-                    continue
-                old, fresh = {}, reruns
-            reports = {**old.get("per_seed", {}), **fresh}  # a seed run here supersedes its recorded twin
-            if fresh:
-                record.setdefault(task, {})[variant] = cell(reports)
+    for task, variant in cells:
+        done = finished_seeds(out / task / variant, seeds)
+        fresh = write_sweep_report(out / task / variant, done)["per_seed"] if done else {}
+        old = record.get(task, {}).get(variant, {})
+        if fresh and old and "per_seed" not in old:
+            # A cell recorded with aggregates only: its seeds are rerun one call (or machine) at a time,
+            # so it stays as recorded, with the reruns kept beside it, until they cover all its seeds.
+            reruns = {**old.get("reruns", {}), **trim(fresh)}
+            if not set(old.get("seeds", [])) <= set(reruns):
+                print(f"{task}/{variant}: kept the cell recorded without per-seed reports (seeds "
+                      f"{old.get('seeds')}) until its reruns cover them; reruns so far: {sorted(reruns)}",
+                      file=sys.stderr)
+                old["reruns"] = reruns
+                continue
+            old, fresh = {}, reruns
+        reports = {**old.get("per_seed", {}), **fresh}  # a seed run here supersedes its recorded twin
+        if fresh:
+            record.setdefault(task, {})[variant] = cell(reports)
     # The table lists every recorded cell, in the order of TASKS and VARIANTS.
     results = {t: {v: record[t][v] for v in VARIANTS if v in record.get(t, {})} for t in TASKS if record.get(t)}
     if not results:
         sys.exit(f"no finished seed runs under {out}/<task>/<variant>/: check --out, or run them first")
-    command = "python scripts/ablation.py " + " ".join(a for a in sys.argv[1:] if a != "--table-only")
-    note = ""
-    if any(s.startswith("baselines.") for s in args.set):
-        # The baselines of a finished run can be added later by resuming it without these --set's.
-        note = (" A '–' in a students table is a baseline these `--set baselines.*=false` switched off; the "
-                "baseline figures shown come from resuming finished runs without those `--set`s.")
-    doc.write_text(table(results) + f"\nThe runs: `{command}` (resumable; `--table-only` rebuilds this table from "
-                   f"the finished ones); each sweep's own report: `{args.out}/<task>/<variant>/sweep_report.md`. "
-                   f"Every seed run's report is recorded in `{doc.with_suffix('.json').name}`, from which the table "
-                   "is rebuilt when those run directories are gone." + note + "\n")
+    doc.write_text(table(results) + "\n" + HOW_RUN)
     keys = ("seeds", "students", "rounds", "ees_majority_share", "val_fell", "minutes_per_seed", "per_seed", "reruns")
     doc.with_suffix(".json").write_text(json.dumps(
         {t: {v: {k: a[k] for k in keys if k in a} for v, a in vs.items()} for t, vs in results.items()}, indent=1))

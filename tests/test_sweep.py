@@ -108,7 +108,9 @@ def test_the_ablation_table_only_tabulates_finished_seed_runs_and_runs_nothing(t
     assert "| plain | 0, 1, 2 | 55.00 ± 0.00 | 51.00 ± 1.00 |" in md
     assert "| balanced | 0 | 55.00 | 50.00 |" in md  # one seed: its figures, no spread
     assert "| plain_fair |" not in md and "## qnli" not in md  # nothing finished: no row, no section
-    assert "--table-only" not in md.split("The runs:")[1].split("(")[0]  # the command that makes the runs
+    # How the cells come about, not the command line of the call that last wrote the table.
+    assert "How the cells were run: `python scripts/ablation.py --tasks T --variants V --seeds S`" in md
+    assert "--tasks rte,qnli" not in md
     assert json.loads(doc.with_suffix(".json").read_text())["rte"]["balanced"]["seeds"] == [0]
 
 
@@ -147,6 +149,33 @@ def test_the_ablation_record_adds_new_seed_runs_to_the_committed_ones(tmp_path, 
     assert "| plain | 0, 1, 2 | 55.00 ± 0.00 | 54.00 ± 4.00 |" in md
     assert "| plain | 0, 1, 2 | 70.00 ± 1.00 | 70 | 2 of 6 | – |" in md  # the legacy cell, as recorded
     assert json.loads(doc.with_suffix(".json").read_text())["rte"]["plain"]["seeds"] == [0, 1, 2]
+
+
+def test_an_ablation_call_keeps_what_a_concurrent_call_recorded_while_it_ran(tmp_path, monkeypatch):
+    """Two calls side by side (RTE and QNLI, hours each): the one that finishes last must not write back the
+    record as it was when it started, dropping the other's seed."""
+    ablation = _ablation_script()
+    doc, runs = tmp_path / "ablation.md", tmp_path / "runs"
+    doc.with_suffix(".json").write_text(json.dumps({}))
+
+    def run_qnli_while_rte_finishes(task, variant, seeds, out, extra=()):
+        # The other call (RTE seed 0) finishes and records its seed while this one is still running.
+        (runs / "rte" / "plain" / "seed0").mkdir(parents=True)
+        (runs / "rte" / "plain" / "seed0" / "report.json").write_text(json.dumps(_report(0, 0.52, None, 0.6)))
+        monkeypatch.setattr("sys.argv", ["ablation.py", "--tasks", "rte", "--variants", "plain", "--seeds", "0",
+                                         "--out", str(runs), "--doc", str(doc), "--table-only"])
+        assert ablation.main() == 0
+        # Then this call's own run (QNLI seed 0) finishes.
+        (out / task / variant / "seed0").mkdir(parents=True)
+        (out / task / variant / "seed0" / "report.json").write_text(json.dumps(_report(0, 0.55, None, 0.6)))
+
+    monkeypatch.setattr(ablation, "run_variant", run_qnli_while_rte_finishes)
+    monkeypatch.setattr("sys.argv", ["ablation.py", "--tasks", "qnli", "--variants", "plain", "--seeds", "0",
+                                     "--out", str(runs), "--doc", str(doc)])
+    assert ablation.main() == 0
+    record = json.loads(doc.with_suffix(".json").read_text())
+    assert record["rte"]["plain"]["seeds"] == [0] and record["qnli"]["plain"]["seeds"] == [0]
+    assert "## rte" in doc.read_text() and "## qnli" in doc.read_text()
 
 
 def test_an_aggregates_only_cell_stays_until_reruns_of_all_its_seeds_are_recorded(tmp_path, monkeypatch):
