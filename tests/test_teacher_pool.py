@@ -160,12 +160,13 @@ def test_a_replica_that_cannot_be_placed_hits_the_start_deadline(ray_local, tiny
 
 
 def test_a_chunk_past_its_deadline_fails_its_replica_with_a_clear_error(ray_local, tiny_teacher_dir):
-    # 1000 forced new tokens take the tiny transformers teacher seconds (one forward pass each); the deadline
-    # is half a second, and with no restarts left the pool gives up naming the setting.
-    cfg = TeacherConfig(engine="transformers", dtype="float32", max_restarts=0, request_timeout_s=0.5)
+    # 1000 forced new tokens take the tiny transformers teacher about a second (one forward pass each); the
+    # deadline is 0.2 s, and with no restarts left the pool gives up naming the setting. The pool must wake at
+    # the deadline, not at its next 1 s poll: with a 1 s poll a fast machine finished the chunk first.
+    cfg = TeacherConfig(engine="transformers", dtype="float32", max_restarts=0, request_timeout_s=0.2)
     slow = GenerationRequest("slow", ({"role": "user", "content": "Write."},),
                              Sampling(max_tokens=1000, seed=1, ignore_eos=True))
     with make_teacher(cfg, str(tiny_teacher_dir), run_seed=0) as teacher:
-        with pytest.raises(TeacherError, match=r"teacher.request_timeout_s=0.5"):
+        with pytest.raises(TeacherError, match=r"teacher.request_timeout_s=0.2"):
             teacher.generate([slow])
         assert teacher.stats().timeouts == 1

@@ -231,7 +231,7 @@ class RayReplicaPool:
                         f"every teacher replica is dead and out of restarts (teacher.max_restarts="
                         f"{self.cfg.max_restarts}); {sum(len(c.requests) for c in queue)} requests unfinished "
                         f"(finished ones are in the cache: rerun to resume). Last failure: {self._last_failure}")
-                done, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=1.0)
+                done, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=self._wait_s())
                 for ref in done:
                     if ref in starting:
                         self._on_ready(starting[ref], queue, inflight)
@@ -291,6 +291,17 @@ class RayReplicaPool:
         inflight.pop(ref)
         slot.alone = False
         self._deliver(chunk.requests, results)
+
+    def _wait_s(self) -> float:
+        """How long to wait for a result: at most 1 s, and never past the nearest deadline, so a short
+        `request_timeout_s` fires on time instead of at the next whole second."""
+        now, nearest = time.monotonic(), 1.0
+        for slot in self._slots:
+            if slot.ready_ref is not None:
+                nearest = min(nearest, slot.since + self.cfg.start_timeout_s - now)
+            for _, sent in slot.chunks.values():
+                nearest = min(nearest, sent + self.cfg.request_timeout_s - now)
+        return max(0.01, nearest + 0.01)
 
     def _check_deadlines(self, queue: deque, inflight: dict) -> None:
         now = time.monotonic()
