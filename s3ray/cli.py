@@ -189,8 +189,15 @@ def _cmd_serve(args) -> int:
 def _cmd_report(args) -> int:
     from s3ray import storage
     from s3ray.pipeline.report import write_report
-    from s3ray.pipeline.rundir import RunDir
+    from s3ray.pipeline.rundir import RunDir, holds_run
+    from s3ray.pipeline.sweep import finished_seeds, write_sweep_report
 
+    if not holds_run(args.run_dir) and (seeds := finished_seeds(args.run_dir)):
+        # A sweep directory: its seed runs may have run apart (other machines, other days); their report.json
+        # files copied into one folder are enough for the spread.
+        write_sweep_report(args.run_dir, seeds)
+        print(f"wrote {storage.join(args.run_dir, 'sweep_report.md')} (seeds {', '.join(map(str, seeds))})")
+        return 0
     write_report(RunDir.open_existing(args.run_dir))  # read-only: works beside a running driver
     print(f"wrote {storage.join(args.run_dir, 'report.md')}")
     return 0
@@ -270,8 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require this API key, read from environment variable VAR (clients send it as Bearer)")
     s.set_defaults(fn=_cmd_serve)
 
-    rep = sub.add_parser("report", help="rebuild the report (Markdown, JSON, PNG) of a run directory")
-    rep.add_argument("run_dir", help="a run's run.output_dir (holds manifest.json), e.g. runs/sst2-quickstart")
+    rep = sub.add_parser("report", help="rebuild the report (Markdown, JSON, PNG) of a run or sweep directory",
+                         description="Rebuild a run's report.md/json/png from its manifest, or, given a sweep "
+                         "directory (seed<N>/report.json below it, no manifest), its sweep_report.md/json over "
+                         "every seed whose report.json is there. Seed runs made apart can be gathered that way.")
+    rep.add_argument("run_dir", help="a run's run.output_dir (holds manifest.json), e.g. runs/sst2-quickstart, "
+                     "or a sweep's, e.g. runs/adqa")
     rep.set_defaults(fn=_cmd_report)
 
     ft = sub.add_parser("finetune", help="fine-tune the teacher on labelled rows, then annotate or generate")

@@ -52,6 +52,23 @@ def test_a_missing_seed_run_is_named(tmp_path):
         write_sweep_report(tmp_path, [1])
 
 
+def test_s3ray_report_gathers_seed_runs_made_apart_into_a_sweep_report(tmp_path, capsys):
+    from s3ray.cli import main
+
+    sweep = tmp_path / "gathered"
+    for seed, s3 in ((0, 0.70), (2, 0.78)):  # seed 1 not copied in yet: the spread is over the ones present
+        (sweep / f"seed{seed}").mkdir(parents=True)
+        (sweep / f"seed{seed}" / "report.json").write_text(json.dumps(_report(seed, s3, None, 0.7)))
+    (sweep / "seed1").mkdir()  # a seed folder without its report.json is not counted
+    (sweep / "notes").mkdir()
+    assert main(["report", str(sweep)]) == 0
+    assert "seeds 0, 2" in capsys.readouterr().out
+    agg = json.loads((sweep / "sweep_report.json").read_text())
+    assert agg["seeds"] == [0, 2] and agg["students"][0]["test"]["mean"] == pytest.approx(0.74)
+    assert main(["report", str(tmp_path / "empty")]) != 0  # neither a run nor a sweep: the run error, as before
+    assert "no manifest.json here" in capsys.readouterr().err
+
+
 def test_each_seed_gets_its_own_run_directory_and_seed():
     cfg = config_from_dict({"run": {"output_dir": "runs/sw", "seed": 0}, "data": {"validation": "x.jsonl"}})
     one = seed_config(cfg, 2)

@@ -209,6 +209,16 @@ def _markdown(agg: dict) -> str:
     return "\n".join(lines)
 
 
+def finished_seeds(sweep_dir: str | Path) -> list[int]:
+    """The seeds under `sweep_dir` that have a report.json (seed<N>/report.json), in order."""
+    found = set()
+    for rel in storage.list_dir(str(sweep_dir), recursive=True):
+        parts = rel.split("/")
+        if len(parts) == 2 and parts[1] == "report.json" and parts[0].startswith("seed") and parts[0][4:].isdigit():
+            found.add(int(parts[0][4:]))
+    return sorted(found)
+
+
 def write_sweep_report(sweep_dir: str | Path, seeds: list[int]) -> dict:
     """sweep_report.json/.md in `sweep_dir` (a path or object store URI) from its seed runs' report.json."""
     reports = {}
