@@ -28,6 +28,21 @@ pytest_plugins = ["fixtures_teacher", "fixtures_student"]
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handlers():
+    """A test that calls the CLI in-process leaves the root logger writing to that test's captured stderr,
+    which pytest closes afterwards; later log lines would print "--- Logging error ---" tracebacks."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for h in root.handlers[:]:
+        if h not in before and type(h) in (logging.StreamHandler, logging.FileHandler):  # not pytest's own
+            root.removeHandler(h)
+            h.close()
+
+
 @pytest.fixture(scope="session")
 def session_tmp() -> Path:
     return _SESSION_TMP
