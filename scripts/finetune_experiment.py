@@ -248,7 +248,10 @@ def read_results(json_path: Path) -> dict:
 
 
 def write_report(results: dict, meta: dict, md: Path) -> None:
-    md.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    record = md.with_suffix(".json")
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")  # a reader never sees half a record
+    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    os.replace(tmp, record)
     m = meta["machine"]
     lines = [
         "# Fine-tuned vs prompted teacher: the measured experiment (issue #13)\n",
@@ -313,20 +316,22 @@ def main(argv: list[str] | None = None) -> int:
             "sizes": size_overrides(args)}
     if args.collect:  # the arms ran in other invocations; their own commands and step times are in the tables
         meta["command"] += " (only collects finished arms; each arm's command and step times are below)"
-    results = read_results(doc.with_suffix(".json"))  # other tasks and seeds kept as recorded
     failed = False
     for task in tasks:
         for seed in seeds:
-            done = results.setdefault(task, {}).setdefault(str(seed), {})
             for arm in RUN_ORDER:
                 if arm not in arms:
                     continue
                 try:
-                    done[arm] = run_arm(task, arm, out, size_overrides(args), seed, args.collect)
+                    result = run_arm(task, arm, out, size_overrides(args), seed, args.collect)
                 except Exception as e:  # noqa: BLE001 - recorded in the report and the exit code, never dropped
                     traceback.print_exc()
-                    done[arm] = {"error": f"{type(e).__name__}: {e}"}
+                    result = {"error": f"{type(e).__name__}: {e}"}
                     failed = True
+                # Read the record again after each arm (hours): a call running beside this one (another task
+                # or seed) may have added to it meanwhile; other tasks, seeds and arms are kept as recorded.
+                results = read_results(doc.with_suffix(".json"))
+                results.setdefault(task, {}).setdefault(str(seed), {})[arm] = result
                 meta.update(total_seconds=time.perf_counter() - t0,
                             load_average_end=[round(x, 2) for x in os.getloadavg()])
                 write_report(results, meta, doc)

@@ -362,3 +362,24 @@ def test_the_finetune_experiment_record_keeps_seed_0_and_adds_seeds_run_later(tm
     assert "| gold-125 | 72.00 ± 2.83 | 71.00 ± 2.83 | 125 ± 0 | — |" in md
     assert "| ft-annotate | 50.00 (1 of 2 seeds) | 49.00 (1 of 2 seeds) | 900 (1 of 2 seeds) | 54.00 (1 of 2 seeds) |" in md
     assert "### sst2, seed 0" in md and "### sst2, seed 1" in md and "**unfinished**" in md
+
+
+def test_a_finetune_experiment_call_keeps_what_a_concurrent_call_recorded_while_it_ran(tmp_path, monkeypatch):
+    """Seeds 1 and 2 run as two calls side by side (hours each): each arm the other call finishes in the
+    meantime stays in the record."""
+    script = _finetune_experiment_script()
+    doc, out = tmp_path / "ft.md", tmp_path / "runs"
+    doc.with_suffix(".json").write_text(json.dumps({"meta": {}, "results": {"sst2": {"0": {"gold-125": _ft_arm(0.7, 125)}}}}))
+
+    def arm_while_the_other_call_records(task, arm, out_, sizes, seed=0, collect_only=False):
+        record = json.loads(doc.with_suffix(".json").read_text())  # the other call (seed 2) finishes an arm
+        record["results"]["sst2"].setdefault("2", {})[arm] = _ft_arm(0.8, 125)
+        doc.with_suffix(".json").write_text(json.dumps(record))
+        return _ft_arm(0.74, 125)
+
+    monkeypatch.setattr(script, "run_arm", arm_while_the_other_call_records)
+    assert script.main(["--tasks", "sst2", "--seeds", "1", "--arms", "gold-125", "--out", str(out),
+                        "--doc", str(doc)]) == 0
+    results = json.loads(doc.with_suffix(".json").read_text())["results"]["sst2"]
+    assert sorted(results) == ["0", "1", "2"] and all("gold-125" in results[s] for s in results)
+    assert "72.00 ± 2.83" not in doc.read_text() and "| gold-125 | 74.67" in doc.read_text()  # over 3 seeds
