@@ -47,6 +47,19 @@ def test_the_sweep_report_gives_mean_and_sample_std_per_student_and_round(tmp_pa
     assert json.loads((tmp_path / "sweep_report.json").read_text())["seeds"] == [0, 1, 2]
 
 
+def test_the_sweep_report_gives_the_secondary_metric_beside_the_main_one(tmp_path):
+    for seed, em in ((0, 0.01), (1, 0.03)):  # extractive QA: F1 first, exact match beside it
+        report = {**_report(seed, 0.06, None, 0.05), "metric": "f1", "secondary_metric": "exact_match"}
+        report["comparison"][0]["test_secondary"] = em
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "report.json").write_text(json.dumps(report))
+    agg = write_sweep_report(tmp_path, [0, 1])
+    assert agg["students"][0]["test_secondary"]["mean"] == pytest.approx(0.02)
+    md = (tmp_path / "sweep_report.md").read_text()
+    assert "| method | train rows | validation f1 | test f1 | test exact_match |" in md
+    assert "| 6.00 ± 0.00 | 2.00 ± 1.41 |" in md
+
+
 def test_a_missing_seed_run_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="seed1"):
         write_sweep_report(tmp_path, [1])

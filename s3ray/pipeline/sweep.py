@@ -185,14 +185,15 @@ def spread_text(s: dict, seeds: int, pct: bool = True) -> str:
 
 
 def _markdown(agg: dict) -> str:
-    m, n = agg["metric"], len(agg["seeds"])
+    m, m2, n = agg["metric"], agg.get("secondary_metric"), len(agg["seeds"])
     lines = [f"# s3ray sweep: {agg['run']}", "",
              f"Task **{agg['task']}** · seeds {', '.join(map(str, agg['seeds']))} · mean ± sample std over seeds"
              + ("" if agg["complete"] else " · **some runs incomplete**"), "",
-             "## Students", "", f"| method | train rows | validation {m} | test {m} |", "|---|---:|---:|---:|"]
+             "## Students", "", f"| method | train rows | validation {m} | test {m} |" + (f" test {m2} |" if m2 else ""),
+             "|---|---:|---:|---:|" + ("---:|" if m2 else "")]
     for s in agg["students"]:
         lines.append(f"| {s['method']} | {spread_text(s['train_rows'], n, False)} | {spread_text(s['val'], n)} | "
-                     f"{spread_text(s['test'], n)} |")
+                     f"{spread_text(s['test'], n)} |" + (f" {spread_text(s['test_secondary'], n)} |" if m2 else ""))
     lines += ["", "## Rounds", "", (f"| round | synthetic rows | validation {m} | test {m} | errors mined | "
               "teacher tokens |"), "|---:|---:|---:|---:|---:|---:|"]
     for r in agg["rounds"]:
