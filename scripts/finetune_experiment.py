@@ -80,7 +80,7 @@ def arm_overrides(arm: str, task_dir: Path) -> list[str]:
 def _shown(text: str) -> str:
     """Paths in the printed commands relative to the repository, as the configs' data paths are (the runs
     themselves keep absolute paths: their recorded config must not change between resumes)."""
-    return text.replace(str(REPO) + "/", "")
+    return text.replace(str(REPO) + "/", "").replace(str(Path.home()) + "/", "~/")
 
 
 def size_overrides(args) -> list[str]:
@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown task/arm {bad}: tasks are {sorted(CONFIGS)}, arms {ARMS}")
     out = Path(args.out).resolve()
     t0 = time.perf_counter()
-    meta = {"machine": machine(), "command": "python scripts/finetune_experiment.py " + " ".join(argv or sys.argv[1:]),
+    meta = {"machine": machine(),
+            "command": _shown("python scripts/finetune_experiment.py " + " ".join(argv or sys.argv[1:])),
             "sizes": size_overrides(args)}
     if args.collect:  # the arms ran in other invocations; their own commands and step times are in the tables
         meta["command"] += " (only collects finished arms; each arm's command and step times are below)"
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                     traceback.print_exc()
                     result = {"error": f"{type(e).__name__}: {e}"}
                     failed = True
+                # The record is committed: paths under the repository are kept relative to it, not this machine's.
+                result = json.loads(_shown(json.dumps(result)))
                 # Read the record again after each arm (hours): a call running beside this one (another task
                 # or seed) may have added to it meanwhile; other tasks, seeds and arms are kept as recorded.
                 results = read_results(doc.with_suffix(".json"))

@@ -377,6 +377,28 @@ def test_the_finetune_experiment_record_keeps_seed_0_and_adds_seeds_run_later(tm
     assert "### sst2, seed 0" in md and "### sst2, seed 1" in md and "**unfinished**" in md
 
 
+def test_the_finetune_experiment_record_keeps_paths_under_the_repository_relative(tmp_path, monkeypatch):
+    """The record is committed: a run under the repository is recorded by its relative path, not this machine's."""
+    script = _finetune_experiment_script()
+    monkeypatch.setattr(script, "REPO", tmp_path)
+    doc, run_dir = tmp_path / "docs" / "ft.md", tmp_path / "runs" / "sst2" / "seed0" / "gold-125"
+    doc.parent.mkdir()
+    run_dir.mkdir(parents=True)
+    arm = _ft_arm(0.7, 125)
+    arm["steps"]["student"]["result"]["checkpoint"] = str(run_dir / "student" / "checkpoint")
+    (run_dir / "report.json").write_text("{}")
+    (run_dir / "manifest.json").write_text(json.dumps({
+        "steps": arm["steps"], "config": {"data": {"pool_size": None}, "generate": {"per_label": 500}}}))
+
+    assert script.main(["--collect", "--tasks", "sst2", "--seeds", "0", "--arms", "gold-125",
+                        "--out", str(tmp_path / "runs"), "--doc", "docs/ft.md"]) == 0
+    recorded = doc.with_suffix(".json").read_text()
+    assert str(tmp_path) not in recorded
+    gold = json.loads(recorded)["results"]["sst2"]["0"]["gold-125"]
+    assert gold["run_dir"] == "runs/sst2/seed0/gold-125"
+    assert gold["steps"]["student"]["result"]["checkpoint"] == "runs/sst2/seed0/gold-125/student/checkpoint"
+
+
 def test_a_finetune_experiment_call_keeps_what_a_concurrent_call_recorded_while_it_ran(tmp_path, monkeypatch):
     """Seeds 1 and 2 run as two calls side by side (hours each): each arm the other call finishes in the
     meantime stays in the record."""
