@@ -78,8 +78,8 @@ def arm_overrides(arm: str, task_dir: Path) -> list[str]:
 
 
 def _shown(text: str) -> str:
-    """Paths in the printed commands relative to the repository, as the configs' data paths are (the runs
-    themselves keep absolute paths: their recorded config must not change between resumes)."""
+    """The committed record's paths relative to the repository, as the configs' data paths are, and ~ for the
+    home cache (the runs themselves keep absolute paths: their recorded config must not change between resumes)."""
     return text.replace(str(REPO) + "/", "").replace(str(Path.home()) + "/", "~/")
 
 
@@ -249,8 +249,11 @@ def read_results(json_path: Path) -> dict:
 
 def write_report(results: dict, meta: dict, md: Path) -> None:
     record = md.with_suffix(".json")
+    text = _shown(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    saved = json.loads(text)  # the Markdown shows what the record holds
+    meta, results = saved["meta"], saved["results"]
     tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")  # a reader never sees half a record
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, record)
     m = meta["machine"]
     lines = [
@@ -278,7 +281,7 @@ def write_report(results: dict, meta: dict, md: Path) -> None:
                 lines.append("**Reduced sizes** (`data.pool_size` / `generate.per_label` in the commands): the "
                              "full experiment (the whole pool, 1,000 generated rows) is the same commands without "
                              "them.\n")
-            lines += [f"- {name}: `{_shown(arms[name]['command'])}`"
+            lines += [f"- {name}: `{arms[name]['command']}`"
                       for name in ARMS if name in arms and "command" in arms[name]]
     md.write_text("\n".join(lines) + "\n")
 
@@ -312,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown task/arm {bad}: tasks are {sorted(CONFIGS)}, arms {ARMS}")
     out = Path(args.out).resolve()
     t0 = time.perf_counter()
-    meta = {"machine": machine(),
-            "command": _shown("python scripts/finetune_experiment.py " + " ".join(argv or sys.argv[1:])),
+    meta = {"machine": machine(), "command": "python scripts/finetune_experiment.py " + " ".join(argv or sys.argv[1:]),
             "sizes": size_overrides(args)}
     if args.collect:  # the arms ran in other invocations; their own commands and step times are in the tables
         meta["command"] += " (only collects finished arms; each arm's command and step times are below)"
@@ -329,8 +331,6 @@ def main(argv: list[str] | None = None) -> int:
                     traceback.print_exc()
                     result = {"error": f"{type(e).__name__}: {e}"}
                     failed = True
-                # The record is committed: paths under the repository are kept relative to it, not this machine's.
-                result = json.loads(_shown(json.dumps(result)))
                 # Read the record again after each arm (hours): a call running beside this one (another task
                 # or seed) may have added to it meanwhile; other tasks, seeds and arms are kept as recorded.
                 results = read_results(doc.with_suffix(".json"))
